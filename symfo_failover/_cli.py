@@ -31,7 +31,9 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         ], ensure_ascii=False, indent=2))
         return 0
     for code, f in results:
-        flags = f"retryable={'yes' if f.retryable else 'no'} new-session={'yes' if f.reconnect else 'no'}"
+        retry = "yes" if f.retryable else "no"
+        new = "yes" if f.reconnect else "no"
+        flags = f"retryable={retry} new-session={new}"
         print(f"{code:8} {f.kind.name:20} {flags:32} [{f.rule}] {f.condition}")
         if args.verbose:
             print(f"         {f.message}")
@@ -40,13 +42,16 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
 def _cmd_conformance(args: argparse.Namespace) -> int:
     from . import _conformance as conformance
-    from .harness import ServerBinariesNotFound
+    from .harness import ServerBinariesNotFound, ServerError
 
     drivers = conformance.DRIVERS if args.driver == "all" else (args.driver,)
     try:
         observations = conformance.run(drivers, lc_messages=args.lc_messages)
-    except ServerBinariesNotFound as exc:
+    except (ServerBinariesNotFound, ServerError) as exc:
         print(f"symfo-failover conformance: {exc}", file=sys.stderr)
+        if args.lc_messages:
+            print(f"(is the locale {args.lc_messages} installed? `locale -a` lists them; "
+                  "scripts/setup.sh generates ja_JP.UTF-8)", file=sys.stderr)
         return 2
     except ImportError as exc:
         print(f"symfo-failover conformance: a driver is missing ({exc}); install "

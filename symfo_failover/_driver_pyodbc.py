@@ -59,12 +59,12 @@ def connection_dead(connection: Any) -> bool | None:
     """The driver's own answer to "is this session dead?", or None if it can't say."""
     lib = _odbc_library()
     hdbc = getattr(connection, "hdbc", None)
-    if lib is None or not hdbc:
+    # pyodbc gives the handle as a ctypes.c_void_p; accept a plain address too.
+    handle = hdbc if isinstance(hdbc, ctypes.c_void_p) else ctypes.c_void_p(hdbc or None)
+    if lib is None or not handle.value:
         return None
     value = ctypes.c_uint32(0)
-    rc = lib.SQLGetConnectAttr(
-        ctypes.c_void_p(hdbc), _SQL_ATTR_CONNECTION_DEAD, ctypes.byref(value), 0, None
-    )
+    rc = lib.SQLGetConnectAttr(handle, _SQL_ATTR_CONNECTION_DEAD, ctypes.byref(value), 0, None)
     if rc not in _SQL_SUCCEEDED:
         return None
     return value.value == _SQL_CD_TRUE

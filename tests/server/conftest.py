@@ -1,0 +1,46 @@
+"""Server fixtures: a shared running server and a fresh one per test."""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator
+
+import pytest
+
+from symfo_failover.harness import LocalServer
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.when == "call":
+        item.stash[_FAILED] = report.failed
+    return report
+
+
+_FAILED = pytest.StashKey[bool]()
+
+
+def _print_log_on_failure(request: pytest.FixtureRequest, srv: LocalServer) -> None:
+    if request.node.stash.get(_FAILED, False):
+        # Shown under "Captured stdout teardown" of the failed test.
+        print(f"--- server log {srv.log_path} ---")
+        print(srv.log_path.read_text(encoding="utf-8", errors="replace")[-5000:])
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[LocalServer]:
+    """One running server for the whole session; tests must leave it running."""
+    with LocalServer() as srv:
+        srv.start()
+        yield srv
+
+
+@pytest.fixture
+def fresh_server(request: pytest.FixtureRequest) -> Iterator[LocalServer]:
+    """A running server of its own, for tests that stop, kill or crash it."""
+    with LocalServer() as srv:
+        srv.start()
+        yield srv
+        _print_log_on_failure(request, srv)
