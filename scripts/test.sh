@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Every test tier: lint, types, unit tests and the real-server tests.
-# Usage: scripts/test.sh [pytest arguments]    (SYMFO_SOAK=1 adds the long soaks)
+# Every test tier: lint, types, unit tests, the real-server tests and the container tier.
+# Usage: scripts/test.sh [pytest arguments]
+#   SYMFO_CONTAINERS=0  skip setting up Docker (the container tests then skip, with why)
+#   SYMFO_SOAK=1        add the long soaks
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/scripts/setup.sh"
@@ -11,6 +13,23 @@ echo "== ruff"
 "$VENV/bin/ruff" check symfo_failover tests tools benchmarks
 echo "== mypy --strict (package)"
 "$VENV/bin/mypy"
+
+# The container tier needs a Docker engine and a PostgreSQL image, which cannot be
+# pulled here: start an engine if none runs and build the image offline (once).
+if [ "${SYMFO_CONTAINERS:-1}" != "0" ]; then
+  echo "== docker engine and image for the container tier"
+  if bash scripts/docker-engine.sh start && image=$(bash scripts/build-postgres-image.sh | tail -n 1); then
+    export SYMFO_CONTAINER_IMAGE="$image"
+    # Stops only an engine this script started; runs however the tests end.
+    trap 'bash "$ROOT/scripts/docker-engine.sh" stop || true' EXIT
+  elif [ "${CI:-}" = "true" ]; then
+    echo "CI: the container tier could not be set up (see above)" >&2
+    exit 1
+  else
+    echo "(the container tests will be skipped; see the messages above)" >&2
+  fi
+fi
+
 echo "== pytest"
 status=0
 "$VENV/bin/pytest" "$@" || status=$?

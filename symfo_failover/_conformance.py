@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ._classify import classify, sqlstate_of
 from ._kind import Failure, Kind
@@ -81,6 +81,14 @@ class Observation:
         return {**asdict(self), "ok": self.ok}
 
 
+class Reachable(Protocol):
+    """Anything with a libpq connection string: a server, or a cluster's access point."""
+
+    def conninfo(self, dbname: str = "postgres", **extra: str) -> str: ...
+
+    def odbc_connection_string(self, database: str = "postgres", **extra: str) -> str: ...
+
+
 class NoErrorRaised(AssertionError):
     """The situation did not make the driver raise: the reproduction failed."""
 
@@ -88,7 +96,7 @@ class NoErrorRaised(AssertionError):
 # --- drivers ---------------------------------------------------------------
 
 
-def _connect(driver: str, server: LocalServer) -> Any:
+def connect(driver: str, server: Reachable) -> Any:
     if driver == "psycopg":
         import psycopg
 
@@ -100,7 +108,7 @@ def _connect(driver: str, server: LocalServer) -> Any:
     raise ValueError(f"unknown driver {driver!r}; expected one of {', '.join(DRIVERS)}")
 
 
-def _backend_pid(conn: Any) -> int:
+def backend_pid(conn: Any) -> int:
     cur = conn.cursor()
     cur.execute("SELECT pg_backend_pid()")
     row = cur.fetchone()
@@ -123,7 +131,7 @@ def _close_quietly(conn: Any) -> None:
 # --- making things happen ---------------------------------------------------
 
 
-def _wait_until_running_query(server: LocalServer, pid: int, timeout: float = 10.0) -> None:
+def _wait_until_running_query(server: Reachable, pid: int, timeout: float = 10.0) -> None:
     """Wait until backend ``pid`` is executing a statement, seen by another session."""
     import psycopg
 
@@ -139,11 +147,11 @@ def _wait_until_running_query(server: LocalServer, pid: int, timeout: float = 10
     raise TimeoutError(f"backend {pid} never started its query")
 
 
-def _during_call(
-    conn: Any, server: LocalServer, fault: Callable[[], None]
+def during_call(
+    conn: Any, server: Reachable, fault: Callable[[], object]
 ) -> BaseException | None:
     """Run a long statement on ``conn`` and inject ``fault`` while it runs."""
-    pid = _backend_pid(conn)
+    pid = backend_pid(conn)
     errors: list[BaseException] = []
 
     def inject() -> None:
@@ -169,8 +177,8 @@ def _during_call(
 @contextmanager
 def _crash_partner(server: LocalServer, driver: str) -> Iterator[Callable[[], None]]:
     """A second session whose backend is killed to crash the server."""
-    partner = _connect(driver, server)
-    partner_pid = _backend_pid(partner)
+    partner = connect(driver, server)
+    partner_pid = backend_pid(partner)
     try:
         yield lambda: server.kill_backend(partner_pid)
     finally:
@@ -186,22 +194,22 @@ def _make_situation(
     if name == "connect_while_down":
         server.stop("fast")
         try:
-            conn = _connect(driver, server)
+            conn = connect(driver, server)
         except Exception as exc:
             return exc, None
         _close_quietly(conn)
         return None, None
 
-    conn = _connect(driver, server)
+    conn = connect(driver, server)
     if name == "switchover":
-        return _during_call(conn, server, lambda: _stop(server, "fast")), conn
+        return during_call(conn, server, lambda: _stop(server, "fast")), conn
     if name == "server_down":
-        return _during_call(conn, server, lambda: _stop(server, "immediate")), conn
+        return during_call(conn, server, lambda: _stop(server, "immediate")), conn
     if name == "node_down":
-        return _during_call(conn, server, lambda: _kill_node(server)), conn
+        return during_call(conn, server, lambda: _kill_node(server)), conn
     if name == "server_crash":
         with _crash_partner(server, driver) as crash:
-            raised = _during_call(conn, server, crash)
+            raised = during_call(conn, server, crash)
         server.wait_stopped()
         return raised, conn
     if name == "idle_after_switchover":

@@ -6,6 +6,8 @@ import subprocess
 
 import pytest
 
+pytest_plugins = ["pytester"]
+
 
 def _installed_locales() -> set[str]:
     try:
@@ -28,9 +30,16 @@ def ja_locale() -> str:
 
 
 def _live_server_processes() -> set[int]:
-    """Live (not zombie) processes running a PostgreSQL server binary."""
+    """Live (not zombie) PostgreSQL server processes of this test run.
+
+    Only those whose data directory lies in this process's harness workspace count,
+    so that servers of other programs on the machine are never confused with ours.
+    """
     import os
 
+    from symfo_failover.harness._server import _workspace
+
+    root = str(_workspace.root())
     found = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -38,20 +47,41 @@ def _live_server_processes() -> set[int]:
         try:
             with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
                 stat = f.read()
+            # Every server process, orphans too, works in its data directory.
+            cwd = os.readlink(f"/proc/{entry}/cwd")
             exe = os.readlink(f"/proc/{entry}/exe")
         except OSError:
             continue
         state = stat.rsplit(")", 1)[-1].split()[0]
-        if state not in ("Z", "X") and os.path.basename(exe) in ("postgres", "postmaster"):
+        ours = cwd.startswith(root)
+        if state not in ("Z", "X") and os.path.basename(exe) in ("postgres", "postmaster") and ours:
             found.add(int(entry))
     return found
 
 
+def _docker_names() -> set[str]:
+    import shutil
+
+    if shutil.which("docker") is None:
+        return set()
+    proc = subprocess.run(
+        ["docker", "ps", "-a", "--filter", "name=symfo-", "--format", "{{.Names}}"],
+        capture_output=True, text=True, check=False, timeout=30,
+    )
+    return set(proc.stdout.split()) if proc.returncode == 0 else set()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _nothing_left_behind() -> object:
-    """After the whole suite, no server process that the tests started may remain."""
-    before = _live_server_processes()
+    """After the whole suite: no server, container or firewall rule the tests made."""
+    from symfo_failover.harness import leftover_rules
+
+    containers_before = _docker_names()
     yield
-    # Every fixture that started a server has been torn down by now.
-    left = _live_server_processes() - before
+    # Every fixture that started something has been torn down by now.
+    left = _live_server_processes()
     assert not left, f"server processes left behind: {sorted(left)}"
+    rules = [r for r in leftover_rules() if f"symfo-failover:{__import__('os').getpid()}:" in r]
+    assert not rules, f"firewall rules left behind: {rules}"
+    containers = _docker_names() - containers_before
+    assert not containers, f"containers left behind: {sorted(containers)}"

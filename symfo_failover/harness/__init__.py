@@ -1,6 +1,40 @@
-"""A failover test harness: real PostgreSQL servers on loopback, killed on demand."""
+"""A failover test harness: real PostgreSQL servers and clusters on loopback, failed on demand.
+
+- `LocalServer`: one throwaway server that can be stopped, killed and crashed.
+- `LocalCluster` / `ContainerCluster`: the guide's active/standby cluster, two nodes on one
+  shared data directory behind one access point, with the guide's scenarios.
+- `FaultProxy`: a PostgreSQL-aware proxy that cuts, delays, pauses and loses COMMIT replies.
+- `Partition`: packets to the access point dropped in the kernel.
+- pytest fixtures (`symfo_cluster`, `symfo_server`, `symfo_proxy`, `symfo_partition`),
+  loaded automatically from `symfo_failover.harness.pytest_plugin`.
+"""
 
 from ._binaries import ServerBinariesNotFound, find_bindir
+from ._cluster import NODE_NAMES, BaseCluster, LocalCluster, NodeConflict, Transition
+from ._containers import ContainerCluster, container_available
+from ._partition import Partition, PartitionUnavailable, leftover_rules, partition_available
+from ._probe import ProbeResult, probe
+from ._proxy import FaultProxy, ProxyStats
 from ._server import LocalServer, ServerError
 
-__all__ = ["LocalServer", "ServerBinariesNotFound", "ServerError", "find_bindir"]
+__all__ = [
+    "NODE_NAMES",
+    "BaseCluster",
+    "ContainerCluster",
+    "FaultProxy",
+    "LocalCluster",
+    "LocalServer",
+    "NodeConflict",
+    "Partition",
+    "PartitionUnavailable",
+    "ProbeResult",
+    "ProxyStats",
+    "ServerBinariesNotFound",
+    "ServerError",
+    "Transition",
+    "container_available",
+    "find_bindir",
+    "leftover_rules",
+    "partition_available",
+    "probe",
+]

@@ -6,7 +6,8 @@ from collections.abc import Generator, Iterator
 
 import pytest
 
-from symfo_failover.harness import LocalServer
+from symfo_failover.harness import BaseCluster, LocalServer, container_available
+from symfo_failover.harness.pytest_plugin import make_cluster
 
 
 @pytest.hookimpl(wrapper=True)
@@ -44,3 +45,22 @@ def fresh_server(request: pytest.FixtureRequest) -> Iterator[LocalServer]:
         srv.start()
         yield srv
         _print_log_on_failure(request, srv)
+
+
+@pytest.fixture(
+    params=["local", pytest.param("container", marks=pytest.mark.containers)],
+)
+def symfo_cluster(request: pytest.FixtureRequest) -> Iterator[BaseCluster]:
+    """Our own suite runs every cluster scenario on both backends in one run.
+
+    Overrides the plugin's fixture of the same name (which picks one backend by
+    option); the container runs skip, with the reason, where Docker is not at hand.
+    """
+    backend = str(request.param)
+    if backend == "container":
+        ok, why = container_available()
+        if not ok:
+            pytest.skip(f"container backend: {why}")
+    with make_cluster(backend) as cluster:
+        cluster.start()
+        yield cluster
