@@ -73,7 +73,7 @@ def _docker_names() -> set[str]:
 
 @pytest.fixture(scope="session", autouse=True)
 def _nothing_left_behind() -> object:
-    """After the whole suite: no server, container or firewall rule the tests made."""
+    """After the whole suite: no server, proxy, container or firewall rule the tests made."""
     from symfo_failover.harness import leftover_rules
 
     containers_before = _docker_names()
@@ -83,5 +83,9 @@ def _nothing_left_behind() -> object:
     assert not left, f"server processes left behind: {sorted(left)}"
     rules = [r for r in leftover_rules() if f"symfo-failover:{__import__('os').getpid()}:" in r]
     assert not rules, f"firewall rules left behind: {rules}"
+    import threading
+
+    proxies = [t.name for t in threading.enumerate() if t.name == "FaultProxy"]
+    assert not proxies, "a FaultProxy is still serving (its listening port is still open)"
     containers = _docker_names() - containers_before
     assert not containers, f"containers left behind: {sorted(containers)}"

@@ -29,14 +29,14 @@ from ._server import (
     ServerError,
     _check_loopback,
     _chown_tree,
-    _conninfo_quote,
     _free_port,
-    _odbc_quote,
     _OsUser,
     _port_taken,
     _resolve_os_user,
     _wait_for,
     _workspace,
+    make_conninfo,
+    make_odbc_connection_string,
 )
 
 if TYPE_CHECKING:
@@ -254,24 +254,12 @@ class ContainerCluster(BaseCluster):
     # --- addresses ---
 
     def conninfo(self, dbname: str = "postgres", **extra: str) -> str:
-        params = {"host": self.host, "port": str(self.port), "user": self.user, "dbname": dbname}
-        if self.password is not None:
-            params["password"] = self.password
-        params.update(extra)
-        return " ".join(f"{k}={_conninfo_quote(str(v))}" for k, v in params.items())
+        return make_conninfo(self.host, self.port, self.user, self.password, dbname, **extra)
 
     def odbc_connection_string(self, database: str = "postgres", **extra: str) -> str:
-        params = {
-            "Driver": "{PostgreSQL Unicode}",
-            "Server": self.host,
-            "Port": str(self.port),
-            "Database": _odbc_quote(database),
-            "Uid": _odbc_quote(self.user),
-        }
-        if self.password is not None:
-            params["Pwd"] = _odbc_quote(self.password)
-        params.update({k: _odbc_quote(str(v)) for k, v in extra.items()})
-        return "".join(f"{k}={v};" for k, v in params.items())
+        return make_odbc_connection_string(
+            self.host, self.port, self.user, self.password, database, **extra
+        )
 
     def logs(self, node: str, tail: int = 100) -> str:
         """The last lines the node's current container wrote (server log and entry point)."""

@@ -19,6 +19,7 @@ import threading
 from types import TracebackType
 
 from ._reaper import reaper
+from ._server import _check_loopback
 
 _counter = itertools.count(1)
 _counter_lock = threading.Lock()
@@ -51,8 +52,7 @@ class Partition:
     """
 
     def __init__(self, host: str, port: int) -> None:
-        if not ipaddress.ip_address(host).is_loopback:
-            raise ValueError(f"{host} is not a loopback address: partitions stay on loopback")
+        _check_loopback(host)
         if ipaddress.ip_address(host).version != 4:
             raise ValueError("only IPv4 loopback addresses are supported")
         self.host = host

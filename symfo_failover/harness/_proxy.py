@@ -16,7 +16,6 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
-import ipaddress
 import re
 import socket
 import struct
@@ -27,6 +26,8 @@ from dataclasses import dataclass
 from enum import Enum
 from types import TracebackType
 from typing import Any, NamedTuple, TypeVar
+
+from ._server import _check_loopback
 
 __all__ = ["FaultProxy", "ProxyStats"]
 
@@ -60,15 +61,6 @@ def is_commit_sql(sql: str) -> bool:
 
 def _commit_text(query: bytes) -> bool:
     return is_commit_sql(query.decode("utf-8", errors="replace"))
-
-
-def _check_loopback(host: str) -> None:
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise ValueError(f"the harness only uses loopback addresses, not {host!r}")
 
 
 @dataclass(frozen=True)

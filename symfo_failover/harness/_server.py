@@ -122,6 +122,34 @@ def _port_taken(host: str, port: int) -> bool:
     return False
 
 
+def make_conninfo(
+    host: str, port: int, user: str, password: str | None, dbname: str, **extra: str
+) -> str:
+    """A libpq keyword/value string; ``extra`` adds or overrides parameters."""
+    params = {"host": host, "port": str(port), "user": user, "dbname": dbname}
+    if password is not None:
+        params["password"] = password
+    params.update(extra)
+    return " ".join(f"{k}={_conninfo_quote(str(v))}" for k, v in params.items())
+
+
+def make_odbc_connection_string(
+    host: str, port: int, user: str, password: str | None, database: str, **extra: str
+) -> str:
+    """A psqlODBC (``PostgreSQL Unicode``) string; ``extra`` adds or overrides keywords."""
+    params = {
+        "Driver": "{PostgreSQL Unicode}",
+        "Server": host,
+        "Port": str(port),
+        "Database": _odbc_quote(database),
+        "Uid": _odbc_quote(user),
+    }
+    if password is not None:
+        params["Pwd"] = _odbc_quote(password)
+    params.update({k: _odbc_quote(str(v)) for k, v in extra.items()})
+    return "".join(f"{k}={v};" for k, v in params.items())
+
+
 def _conninfo_quote(value: str) -> str:
     if value and not any(c in value for c in " '\\\t\n"):
         return value
@@ -345,25 +373,13 @@ class LocalServer:
 
     def conninfo(self, dbname: str = "postgres", **extra: str) -> str:
         """A libpq keyword/value connection string for this server."""
-        params = {"host": self.host, "port": str(self.port), "user": self.user, "dbname": dbname}
-        if self.password is not None:
-            params["password"] = self.password
-        params.update(extra)
-        return " ".join(f"{k}={_conninfo_quote(str(v))}" for k, v in params.items())
+        return make_conninfo(self.host, self.port, self.user, self.password, dbname, **extra)
 
     def odbc_connection_string(self, database: str = "postgres", **extra: str) -> str:
         """A connection string for the psqlODBC driver (``PostgreSQL Unicode``)."""
-        params = {
-            "Driver": "{PostgreSQL Unicode}",
-            "Server": self.host,
-            "Port": str(self.port),
-            "Database": _odbc_quote(database),
-            "Uid": _odbc_quote(self.user),
-        }
-        if self.password is not None:
-            params["Pwd"] = _odbc_quote(self.password)
-        params.update({k: _odbc_quote(str(v)) for k, v in extra.items()})
-        return "".join(f"{k}={v};" for k, v in params.items())
+        return make_odbc_connection_string(
+            self.host, self.port, self.user, self.password, database, **extra
+        )
 
     # --- state ---
 

@@ -27,3 +27,13 @@ def test_every_code_of_the_guide_is_in_the_doc() -> None:
     doc = (ROOT / "docs" / "classification.md").read_text(encoding="utf-8")
     for code in ("57P01", "57P02", "08006", "08S01", "08001", "YE000", "26000", "40001"):
         assert f"| `{code}` |" in doc
+
+
+def test_harness_exports_are_exactly_its_public_names() -> None:
+    import symfo_failover.harness as harness
+
+    for name in harness.__all__:
+        assert hasattr(harness, name), name
+    public = {n for n in dir(harness) if not n.startswith("_")}
+    modules = {n for n in public if type(getattr(harness, n)).__name__ == "module"}
+    assert public - modules == set(harness.__all__)
