@@ -20,6 +20,8 @@ have_pg_server() {
 have_psqlodbc() { command -v odbcinst >/dev/null 2>&1 && odbcinst -q -d 2>/dev/null | grep -q '^\[PostgreSQL Unicode\]'; }
 have_ja_locale() { locale -a 2>/dev/null | grep -qiE '^ja_JP\.utf-?8$'; }
 have_venv() { "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; }
+# The kernel partition tests need iptables, and root to use it.
+need_iptables() { [ "$(id -u)" -eq 0 ] && ! command -v iptables >/dev/null 2>&1; }
 
 # --- Python itself
 command -v "$PYTHON" >/dev/null 2>&1 || die "no $PYTHON found: install Python 3.10 or newer (Debian: apt-get install python3 python3-venv)"
@@ -32,6 +34,7 @@ have_pg_server || packages+=(postgresql)
 have_psqlodbc || packages+=(unixodbc odbc-postgresql)
 have_ja_locale || packages+=(locales)
 have_venv || packages+=(python3-venv)
+need_iptables && packages+=(iptables)
 
 if [ ${#packages[@]} -gt 0 ]; then
   if ! command -v apt-get >/dev/null 2>&1; then

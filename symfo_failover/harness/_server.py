@@ -123,7 +123,7 @@ def _port_taken(host: str, port: int) -> bool:
 
 
 def make_conninfo(
-    host: str, port: int, user: str, password: str | None, dbname: str, **extra: str
+    host: str, port: int, user: str, password: str | None, dbname: str, /, **extra: str
 ) -> str:
     """A libpq keyword/value string; ``extra`` adds or overrides parameters."""
     params = {"host": host, "port": str(port), "user": user, "dbname": dbname}
@@ -134,7 +134,7 @@ def make_conninfo(
 
 
 def make_odbc_connection_string(
-    host: str, port: int, user: str, password: str | None, database: str, **extra: str
+    host: str, port: int, user: str, password: str | None, database: str, /, **extra: str
 ) -> str:
     """A psqlODBC (``PostgreSQL Unicode``) string; ``extra`` adds or overrides keywords."""
     params = {

@@ -524,27 +524,30 @@ def test_close_with_open_connections_leaves_nothing(
 ) -> None:
     sockets, threads = _socket_fds(), threading.active_count()
     proxy = FaultProxy("127.0.0.1", srv.port).start()
-    assert threading.active_count() == threads + 1
-    conninfo = srv.conninfo(port=str(proxy.port), application_name="proxy_close")
-    conns = [psycopg.connect(conninfo) for _ in range(4)]
-    # One more whose server side is held.
-    held = psycopg.connect(conninfo)
-    held.execute(f"INSERT INTO {table} VALUES (9)")
-    proxy.arm_commit_hold()
-    with pytest.raises(psycopg.OperationalError):
-        held.commit()
-    held.close()
-
-    proxy.close()
-    proxy.close()  # idempotent
-    assert threading.active_count() == threads
-    assert _socket_fds() == sockets + 4  # only the clients' own sockets
-    assert proxy.stats.connections_open == 0
-    for conn in conns:
+    try:
+        assert threading.active_count() == threads + 1
+        conninfo = srv.conninfo(port=str(proxy.port), application_name="proxy_close")
+        conns = [psycopg.connect(conninfo) for _ in range(4)]
+        # One more whose server side is held.
+        held = psycopg.connect(conninfo)
+        held.execute(f"INSERT INTO {table} VALUES (9)")
+        proxy.arm_commit_hold()
         with pytest.raises(psycopg.OperationalError):
-            conn.execute("SELECT 1")
-        conn.close()
-    assert _socket_fds() == sockets
-    # The server saw every session end, the held one included.
-    query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'proxy_close'"
-    assert _wait_until(lambda: admin.execute(query).fetchone() == (0,))
+            held.commit()
+        held.close()
+
+        proxy.close()
+        proxy.close()  # idempotent
+        assert threading.active_count() == threads
+        assert _socket_fds() == sockets + 4  # only the clients' own sockets
+        assert proxy.stats.connections_open == 0
+        for conn in conns:
+            with pytest.raises(psycopg.OperationalError):
+                conn.execute("SELECT 1")
+            conn.close()
+        assert _socket_fds() == sockets
+        # The server saw every session end, the held one included.
+        query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'proxy_close'"
+        assert _wait_until(lambda: admin.execute(query).fetchone() == (0,))
+    finally:
+        proxy.close()  # idempotent: only matters when an assertion above failed

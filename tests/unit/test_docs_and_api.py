@@ -37,3 +37,12 @@ def test_harness_exports_are_exactly_its_public_names() -> None:
     public = {n for n in dir(harness) if not n.startswith("_")}
     modules = {n for n in public if type(getattr(harness, n)).__name__ == "module"}
     assert public - modules == set(harness.__all__)
+
+
+def test_connection_strings_take_overrides() -> None:
+    from symfo_failover.harness._server import make_conninfo, make_odbc_connection_string
+
+    ci = make_conninfo("127.0.0.1", 5432, "postgres", "pw", "db", host="127.0.0.2", port="6")
+    assert ci == "host=127.0.0.2 port=6 user=postgres dbname=db password=pw"
+    odbc = make_odbc_connection_string("127.0.0.1", 5432, "postgres", None, "db", Port="7")
+    assert odbc == "Driver={PostgreSQL Unicode};Server=127.0.0.1;Port=7;Database=db;Uid=postgres;"
