@@ -85,7 +85,11 @@ stamp="$VENV/.symfo-installed"
 want=$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   say "installing symfo-failover and its test tools into $VENV"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -U pip
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[dev]"
+  log="$VENV/pip-install.log"
+  if ! { "$VENV/bin/python" -m pip install --disable-pip-version-check -U pip \
+         && "$VENV/bin/python" -m pip install --disable-pip-version-check -e "$ROOT[dev]"; } >"$log" 2>&1; then
+    tail -n 30 "$log" >&2
+    die "installing the Python packages failed (whole log: $log)"
+  fi
   echo "$want" >"$stamp"
 fi
