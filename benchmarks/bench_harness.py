@@ -30,7 +30,8 @@ def _scenario(cluster: LocalCluster, rounds: int, op: Callable[[], Transition]) 
         t = op()
         if t.accepting_at is None:  # left down: bring it back and count that too
             t2 = cluster.start()
-            assert t.down_at is not None and t2.accepting_at is not None
+            assert t.down_at is not None
+            assert t2.accepting_at is not None
             downtimes.append(t2.accepting_at - t.down_at)
         else:
             assert t.downtime is not None

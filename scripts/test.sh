@@ -20,8 +20,10 @@ if [ "${SYMFO_CONTAINERS:-1}" != "0" ]; then
   echo "== docker engine and image for the container tier"
   if bash scripts/docker-engine.sh start && image=$(bash scripts/build-postgres-image.sh | tail -n 1); then
     export SYMFO_CONTAINER_IMAGE="$image"
-    # Stops only an engine this script started; runs however the tests end.
-    trap 'bash "$ROOT/scripts/docker-engine.sh" stop || true' EXIT
+    # Stops only an engine this script started, however the tests end; quietly, so that
+    # pytest's summary stays the last line (its messages are shown if the stop fails).
+    stop_log=$(mktemp)
+    trap 'bash "$ROOT/scripts/docker-engine.sh" stop >"$stop_log" 2>&1 || cat "$stop_log" >&2; rm -f "$stop_log"' EXIT
   elif [ "${CI:-}" = "true" ]; then
     echo "CI: the container tier could not be set up (see above)" >&2
     exit 1
