@@ -67,12 +67,14 @@ def rule_without_sqlstate(error: object, connection: Any) -> table.Rule:
             return table.NO_SQLSTATE_AUTH
         return table.NO_SQLSTATE_CONNECT
 
-    if connection is not None:
-        return table.NO_SQLSTATE_LOST if is_broken(connection) else table.NO_SQLSTATE_OTHER
-    # No session to look at: psycopg raises a bare OperationalError without a
-    # SQLSTATE for a dead connection ("consuming input failed", "the connection
-    # is closed"), which is the guide's libpq NULL row.
+    # psycopg raises a plain OperationalError without a SQLSTATE for a dead
+    # connection ("consuming input failed", "the connection is closed", "connection
+    # socket closed"): the guide's libpq NULL row. It can do so before it marks the
+    # session broken (seen: the socket already closed, the session still ACTIVE), so
+    # the session's state may only add to this, never overrule it.
     if type(error) is psycopg.OperationalError:
+        return table.NO_SQLSTATE_LOST
+    if connection is not None and is_broken(connection):
         return table.NO_SQLSTATE_LOST
     return table.NO_SQLSTATE_OTHER
 

@@ -192,8 +192,9 @@ DEFAULT = _row("*", "unknown", NO, "policy",
 NO_SQLSTATE_LOST = _row(
     "none: session broken", "connection_lost", LOST,
     "guide: libpq (NULL), .NET (empty string); measured: psycopg",
-    "The driver gave no SQLSTATE and the session is now broken or closed: the server "
-    "went away (server down, node down, own session killed, network cut).")
+    "The driver gave no SQLSTATE for a dead connection (psycopg's plain "
+    "OperationalError, the guide's libpq NULL), or the session is now broken or closed: "
+    "the server went away (server down, node down, own session killed, network cut).")
 NO_SQLSTATE_CONNECT = _row(
     "none: connect failed", "connect_failed", CONNECT,
     "guide: libpq (CONNECTION_BAD), .NET (empty string); measured: psycopg",

@@ -198,10 +198,23 @@ class _FakeSession:
         self.broken = broken
 
 
-def test_psycopg_session_state_decides_when_given() -> None:
-    err = psycopg.OperationalError("no sqlstate")
+def test_psycopg_plain_error_without_sqlstate_is_lost_whatever_the_session_says() -> None:
+    # psycopg raises "connection socket closed" once libpq closed the socket, while
+    # the session still says ACTIVE: the error decides, the session cannot overrule it.
+    err = psycopg.OperationalError("connection socket closed")
+    assert classify(err, connection=_FakeSession(broken=False)).kind is LOST
+    assert classify(err, connection=_FakeSession(broken=True)).kind is LOST
+
+
+class _OtherOperationalError(psycopg.OperationalError):
+    """Stands for a psycopg OperationalError subclass without a SQLSTATE of its own."""
+
+
+def test_psycopg_session_state_decides_for_other_errors() -> None:
+    err = _OtherOperationalError("no sqlstate")
     assert classify(err, connection=_FakeSession(broken=True)).kind is LOST
     assert classify(err, connection=_FakeSession(broken=False)).kind is NO
+    assert classify(err).kind is NO
 
 
 @pytest.mark.parametrize(
