@@ -64,8 +64,11 @@ def _docker_names() -> set[str]:
 
     if shutil.which("docker") is None:
         return set()
+    import os
+
+    # ContainerCluster names its containers symfo-<pid>-...: only ours count.
     proc = subprocess.run(
-        ["docker", "ps", "-a", "--filter", "name=symfo-", "--format", "{{.Names}}"],
+        ["docker", "ps", "-a", "--filter", f"name=symfo-{os.getpid()}-", "--format", "{{.Names}}"],
         capture_output=True, text=True, check=False, timeout=30,
     )
     return set(proc.stdout.split()) if proc.returncode == 0 else set()

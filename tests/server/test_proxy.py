@@ -58,17 +58,34 @@ def table(admin: psycopg.Connection[Any]) -> str:
     return name
 
 
+# Client sessions a test opened, closed after it even when an assertion failed early (a
+# session left to the garbage collector would warn inside whichever test runs next).
+_opened: list[Any] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_opened_sessions() -> Iterator[None]:
+    yield
+    while _opened:
+        with contextlib.suppress(Exception):
+            _opened.pop().close()
+
+
 def _via(srv: LocalServer, proxy: FaultProxy, **kwargs: Any) -> psycopg.Connection[Any]:
-    return psycopg.connect(srv.conninfo(port=str(proxy.port), connect_timeout="5"), **kwargs)
+    conn = psycopg.connect(srv.conninfo(port=str(proxy.port), connect_timeout="5"), **kwargs)
+    _opened.append(conn)
+    return conn
 
 
 def _odbc_via(proxy: FaultProxy) -> pyodbc.Connection:
-    return pyodbc.connect(
+    conn = pyodbc.connect(
         f"Driver={{PostgreSQL Unicode}};Server=127.0.0.1;Port={proxy.port};"
         "Database=postgres;Uid=postgres;Pwd=;",
         autocommit=False,
         timeout=5,
     )
+    _opened.append(conn)
+    return conn
 
 
 def _wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
