@@ -92,3 +92,15 @@ def _nothing_left_behind() -> object:
     assert not proxies, "a FaultProxy is still serving (its listening port is still open)"
     containers = _docker_names() - containers_before
     assert not containers, f"containers left behind: {sorted(containers)}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Long soaks (marker ``slow``) run only when SYMFO_SOAK=1 asks for them."""
+    import os
+
+    if os.environ.get("SYMFO_SOAK") == "1":
+        return
+    skip = pytest.mark.skip(reason="a long soak: set SYMFO_SOAK=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
