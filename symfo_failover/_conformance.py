@@ -123,7 +123,8 @@ def _query(conn: Any, sql: str) -> None:
         cur.fetchall()
 
 
-def _close_quietly(conn: Any) -> None:
+def close_quietly(conn: Any) -> None:
+    """Close a driver connection, dead or alive, without raising."""
     with suppress(Exception):
         conn.close()
 
@@ -182,7 +183,7 @@ def _crash_partner(server: LocalServer, driver: str) -> Iterator[Callable[[], No
     try:
         yield lambda: server.kill_backend(partner_pid)
     finally:
-        _close_quietly(partner)
+        close_quietly(partner)
 
 
 def _make_situation(
@@ -197,41 +198,40 @@ def _make_situation(
             conn = connect(driver, server)
         except Exception as exc:
             return exc, None
-        _close_quietly(conn)
+        close_quietly(conn)
         return None, None
 
     conn = connect(driver, server)
+    try:
+        return _reproduce(name, driver, server, conn), conn
+    except BaseException:
+        close_quietly(conn)  # the caller only closes what it was given back
+        raise
+
+
+def _reproduce(name: str, driver: str, server: LocalServer, conn: Any) -> BaseException | None:
     if name == "switchover":
-        return during_call(conn, server, lambda: _stop(server, "fast")), conn
+        return during_call(conn, server, lambda: server.stop("fast"))
     if name == "server_down":
-        return during_call(conn, server, lambda: _stop(server, "immediate")), conn
+        return during_call(conn, server, lambda: server.stop("immediate"))
     if name == "node_down":
-        return during_call(conn, server, lambda: _kill_node(server)), conn
+        return during_call(conn, server, server.kill_postmaster)
     if name == "server_crash":
         with _crash_partner(server, driver) as crash:
             raised = during_call(conn, server, crash)
         server.wait_stopped()
-        return raised, conn
+        return raised
     if name == "idle_after_switchover":
         server.stop("fast")
         server.start()
-        return _call(conn), conn
+        return _call(conn)
     if name == "dead_session":
         server.stop("immediate")
-        first = _call(conn)
-        if first is None:
+        if _call(conn) is None:
             raise NoErrorRaised("the first call after the server went down succeeded")
         server.start()
-        return _call(conn), conn
+        return _call(conn)
     raise ValueError(f"unknown situation {name!r}")
-
-
-def _stop(server: LocalServer, mode: str) -> None:
-    server.stop(mode)  # type: ignore[arg-type]
-
-
-def _kill_node(server: LocalServer) -> None:
-    server.kill_postmaster()
 
 
 def _call(conn: Any) -> BaseException | None:
@@ -251,11 +251,10 @@ def observe(driver: str, situation: Situation, server: LocalServer) -> Observati
         failure: Failure = classify(raised, connection=conn)
     finally:
         if conn is not None:
-            _close_quietly(conn)
+            close_quietly(conn)
     row, in_progress, while_down = GUIDE_ROWS[driver]
     guide = in_progress if situation.column == "in_progress" else while_down
     code = sqlstate_of(raised)
-    code = code or None
     return Observation(
         driver=driver,
         situation=situation.name,

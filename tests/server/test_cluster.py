@@ -60,7 +60,7 @@ def _lost_during(cluster: BaseCluster, driver: str, fault: Any) -> BaseException
         assert sqlstate_of(raised) in IN_PROGRESS[driver], raised
         return raised
     finally:
-        conformance._close_quietly(conn)
+        conformance.close_quietly(conn)
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
