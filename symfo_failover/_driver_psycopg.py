@@ -1,4 +1,4 @@
-"""The psycopg 3 adapter: SQLSTATEs, broken sessions, connecting.
+"""The psycopg 3 adapter: SQLSTATEs and broken sessions.
 
 Imported only when psycopg is installed; `classify` loads it lazily.
 """
@@ -12,8 +12,6 @@ from psycopg import errors as pg_errors
 from psycopg.pq import ConnStatus
 
 from . import _sqlstates as table
-
-NAME = "psycopg"
 
 
 def owns(error: object) -> bool:
@@ -77,7 +75,3 @@ def rule_without_sqlstate(error: object, connection: Any) -> table.Rule:
     if connection is not None and is_broken(connection):
         return table.NO_SQLSTATE_LOST
     return table.NO_SQLSTATE_OTHER
-
-
-def connect(conninfo: str, **kwargs: Any) -> psycopg.Connection[Any]:
-    return psycopg.connect(conninfo, **kwargs)

@@ -1,4 +1,4 @@
-"""The pyodbc adapter: SQLSTATEs, broken sessions, connecting.
+"""The pyodbc adapter: SQLSTATEs and broken sessions.
 
 pyodbc puts the SQLSTATE in ``args[0]``. Whether a session is dead is asked of
 the driver through the ODBC attribute ``SQL_ATTR_CONNECTION_DEAD``, which
@@ -16,8 +16,6 @@ from typing import Any
 import pyodbc
 
 from . import _sqlstates as table
-
-NAME = "pyodbc"
 
 _SQLSTATE = re.compile(r"[0-9A-Z]{5}")
 _SQL_ATTR_CONNECTION_DEAD = 1209
@@ -84,7 +82,3 @@ def rule_without_sqlstate(error: object, connection: Any) -> table.Rule:
     if connection is not None and is_broken(connection):
         return table.NO_SQLSTATE_LOST
     return table.NO_SQLSTATE_OTHER
-
-
-def connect(connection_string: str, **kwargs: Any) -> pyodbc.Connection:
-    return pyodbc.connect(connection_string, **kwargs)
