@@ -31,7 +31,7 @@ from ._server import (
     _chown_tree,
     _free_port,
     _OsUser,
-    _port_taken,
+    _port_after_failed_start,
     _resolve_os_user,
     _wait_for,
     _workspace,
@@ -292,14 +292,12 @@ class ContainerCluster(BaseCluster):
                 ready_at = self._start_once(node, hold_in_recovery)
             except _StartFailed as exc:
                 self._remove(node)
-                retry = (
-                    not self._port_explicit
-                    and not self._ever_started
-                    and attempt < _START_ATTEMPTS
-                    and _port_taken(self.host, self.port)
+                new_port = _port_after_failed_start(
+                    self.host, self.port, explicit=self._port_explicit,
+                    ever_started=self._ever_started, attempt=attempt, attempts=_START_ATTEMPTS,
                 )
-                if retry:
-                    self.port = _free_port(self.host)
+                if new_port is not None:
+                    self.port = new_port
                     continue
                 raise ServerError(str(exc)) from None
             except BaseException:

@@ -114,6 +114,16 @@ def _free_port(host: str) -> int:
     return _bind_probe(host, 0)
 
 
+def _port_after_failed_start(
+    host: str, port: int, *, explicit: bool, ever_started: bool, attempt: int, attempts: int
+) -> int | None:
+    """A new free port when a first start failed because the port picked for it was
+    taken meanwhile (another program won the race); None when the failure stands."""
+    if explicit or ever_started or attempt >= attempts or not _port_taken(host, port):
+        return None
+    return _free_port(host)
+
+
 def _port_taken(host: str, port: int) -> bool:
     try:
         _bind_probe(host, port)
@@ -434,14 +444,12 @@ class LocalServer:
             try:
                 ready_at = self._start_once(deadline)
             except _PostmasterExited as exc:
-                retry = (
-                    not self._port_explicit
-                    and not self._ever_started
-                    and attempt < _START_ATTEMPTS
-                    and _port_taken(self.host, self.port)
+                new_port = _port_after_failed_start(
+                    self.host, self.port, explicit=self._port_explicit,
+                    ever_started=self._ever_started, attempt=attempt, attempts=_START_ATTEMPTS,
                 )
-                if retry:
-                    self.port = _free_port(self.host)
+                if new_port is not None:
+                    self.port = new_port
                     continue
                 raise ServerError(
                     f"the postmaster exited during start (code {exc.returncode}); "
