@@ -1,10 +1,17 @@
-"""Shared fixtures: the Japanese locale check."""
+"""Shared fixtures: the Japanese locale, the soak switch, and the end-of-suite leftover check."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+import threading
+from collections.abc import Iterator
 
 import pytest
+
+from symfo_failover.harness import leftover_rules
+from symfo_failover.harness._server import _workspace
 
 pytest_plugins = ["pytester"]
 
@@ -35,38 +42,32 @@ def _live_server_processes() -> set[int]:
     Only those whose data directory lies in this process's harness workspace count,
     so that servers of other programs on the machine are never confused with ours.
     """
-    import os
-
-    from symfo_failover.harness._server import _workspace
-
-    root = str(_workspace.root())
+    root = _workspace._root  # None: no server was ever made in this run
+    if root is None:
+        return set()
     found = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
-                stat = f.read()
+                state = f.read().rsplit(")", 1)[-1].split()[0]
             # Every server process, orphans too, works in its data directory.
             cwd = os.readlink(f"/proc/{entry}/cwd")
-            exe = os.readlink(f"/proc/{entry}/exe")
+            exe = os.path.basename(os.readlink(f"/proc/{entry}/exe"))
         except OSError:
             continue
-        state = stat.rsplit(")", 1)[-1].split()[0]
-        ours = cwd.startswith(root)
-        if state not in ("Z", "X") and os.path.basename(exe) in ("postgres", "postmaster") and ours:
+        if state not in ("Z", "X") and exe in ("postgres", "postmaster") and cwd.startswith(
+            str(root)
+        ):
             found.add(int(entry))
     return found
 
 
-def _docker_names() -> set[str]:
-    import shutil
-
+def _our_containers() -> set[str]:
+    """Containers of this test process (ContainerCluster names them symfo-<pid>-...)."""
     if shutil.which("docker") is None:
         return set()
-    import os
-
-    # ContainerCluster names its containers symfo-<pid>-...: only ours count.
     proc = subprocess.run(
         ["docker", "ps", "-a", "--filter", f"name=symfo-{os.getpid()}-", "--format", "{{.Names}}"],
         capture_output=True, text=True, check=False, timeout=30,
@@ -75,29 +76,22 @@ def _docker_names() -> set[str]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _nothing_left_behind() -> object:
+def _nothing_left_behind() -> Iterator[None]:
     """After the whole suite: no server, proxy, container or firewall rule the tests made."""
-    from symfo_failover.harness import leftover_rules
-
-    containers_before = _docker_names()
     yield
     # Every fixture that started something has been torn down by now.
     left = _live_server_processes()
     assert not left, f"server processes left behind: {sorted(left)}"
-    rules = [r for r in leftover_rules() if f"symfo-failover:{__import__('os').getpid()}:" in r]
+    rules = [r for r in leftover_rules() if f"symfo-failover:{os.getpid()}:" in r]
     assert not rules, f"firewall rules left behind: {rules}"
-    import threading
-
     proxies = [t.name for t in threading.enumerate() if t.name == "FaultProxy"]
     assert not proxies, "a FaultProxy is still serving (its listening port is still open)"
-    containers = _docker_names() - containers_before
+    containers = _our_containers()
     assert not containers, f"containers left behind: {sorted(containers)}"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Long soaks (marker ``slow``) run only when SYMFO_SOAK=1 asks for them."""
-    import os
-
     if os.environ.get("SYMFO_SOAK") == "1":
         return
     skip = pytest.mark.skip(reason="a long soak: set SYMFO_SOAK=1 to run it")
