@@ -5,14 +5,41 @@ The public API is listed in ``__all__``; every other module is private.
 
 
 from ._classify import classify, sqlstate_of
+from ._connection import ResilientConnection, connect
+from ._errors import CommitOutcomeUnknown, FailoverError, RetriesExhausted
+from ._events import (
+    CommitResolved,
+    Event,
+    FailureDetected,
+    GaveUp,
+    ReconnectAttempt,
+    Reconnected,
+    UnitReplayed,
+)
 from ._kind import Failure, Kind
+from ._policy import RetryPolicy
+from ._target import SessionInfo
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CommitOutcomeUnknown",
+    "CommitResolved",
+    "Event",
+    "FailoverError",
     "Failure",
+    "FailureDetected",
+    "GaveUp",
     "Kind",
+    "ReconnectAttempt",
+    "Reconnected",
+    "ResilientConnection",
+    "RetriesExhausted",
+    "RetryPolicy",
+    "SessionInfo",
+    "UnitReplayed",
     "__version__",
     "classify",
+    "connect",
     "sqlstate_of",
 ]

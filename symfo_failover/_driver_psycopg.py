@@ -1,17 +1,23 @@
-"""The psycopg 3 adapter: SQLSTATEs and broken sessions.
+"""The psycopg 3 adapter: SQLSTATEs, broken sessions, and the session interface.
 
 Imported only when psycopg is installed; `classify` loads it lazily.
 """
 
 from __future__ import annotations
 
+import getpass
+import os
+from collections.abc import Mapping
 from typing import Any
 
 import psycopg
+from psycopg import IsolationLevel
 from psycopg import errors as pg_errors
-from psycopg.pq import ConnStatus
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.pq import ConnStatus, TransactionStatus
 
 from . import _sqlstates as table
+from . import _target as _t
 
 
 def owns(error: object) -> bool:
@@ -75,3 +81,128 @@ def rule_without_sqlstate(error: object, connection: Any) -> table.Rule:
     if connection is not None and is_broken(connection):
         return table.NO_SQLSTATE_LOST
     return table.NO_SQLSTATE_OTHER
+
+
+# --- the session interface the resilient connection uses (`_target.Driver`) --------------
+
+#: psycopg.connect() keywords that are not connection parameters.
+_CONNECT_KEYWORDS = ("prepare_threshold", "context", "row_factory", "cursor_factory")
+
+_DETECTION = {
+    "keepalives": "1",
+    "keepalives_idle": str(_t.KEEPALIVE_IDLE),
+    "keepalives_interval": str(_t.KEEPALIVE_INTERVAL),
+    "keepalives_count": str(_t.KEEPALIVE_COUNT),
+    "tcp_user_timeout": str(_t.TCP_USER_TIMEOUT_MS),
+    "connect_timeout": str(_t.CONNECT_TIMEOUT),
+}
+
+
+class PsycopgDriver:
+    name = "psycopg"
+    operational_error: type[BaseException] = psycopg.OperationalError
+    error: type[BaseException] = psycopg.Error
+
+    def target(self, conninfo: str, kwargs: Mapping[str, Any]) -> _t.Target:
+        options = dict(kwargs)
+        extra = {k: options.pop(k) for k in _CONNECT_KEYWORDS if k in options}
+        # Raises psycopg.ProgrammingError for bad syntax or an unknown parameter.
+        params = conninfo_to_dict(conninfo, **options)
+        for key, value in _DETECTION.items():
+            params.setdefault(key, value)
+        endpoints = _endpoints(params)
+        user = str(params.get("user") or os.environ.get("PGUSER") or getpass.getuser())
+        database = str(params.get("dbname") or os.environ.get("PGDATABASE") or user)
+        shown = " ".join(f"{k}={params[k]}" for k in ("host", "port", "dbname", "user")
+                         if params.get(k) not in (None, ""))
+        return _t.Target(
+            connect_args={"conninfo": make_conninfo("", **params), **extra},
+            endpoints=endpoints,
+            user=user,
+            database=database,
+            description=f"psycopg {shown}".strip(),
+        )
+
+    def connect(self, target: _t.Target) -> Any:
+        return psycopg.connect(**target.connect_args, autocommit=True)
+
+    def session_info(self, raw: Any) -> _t.SessionInfo:
+        row = raw.execute(_t.SESSION_INFO_SQL).fetchone()
+        return _t.SessionInfo(int(row[0]), str(row[1]), str(row[2]))
+
+    def apply_state(self, raw: Any, state: _t.SessionState) -> None:
+        raw.autocommit = state.autocommit
+        level = state.isolation_level
+        raw.isolation_level = IsolationLevel[level.upper().replace(" ", "_")] if level else None
+        raw.read_only = state.read_only
+
+    def begin(self, raw: Any, state: _t.SessionState) -> str | None:
+        want_xid = not state.read_only
+        cur = raw.execute(_t.begin_sql(state, want_xid))
+        if not want_xid:
+            return None
+        cur.nextset()
+        return str(cur.fetchone()[0])
+
+    def commit(self, raw: Any) -> None:
+        raw.execute("COMMIT")
+
+    def rollback(self, raw: Any) -> None:
+        if raw.info.transaction_status != TransactionStatus.IDLE:
+            raw.execute("ROLLBACK")
+
+    def in_transaction(self, raw: Any) -> bool:
+        return bool(raw.info.transaction_status != TransactionStatus.IDLE)
+
+    def get_autocommit(self, raw: Any) -> bool:
+        return bool(raw.autocommit)
+
+    def set_autocommit(self, raw: Any, value: bool) -> None:
+        raw.autocommit = value
+
+    def xact_status(self, raw: Any, xid: str) -> str | None:
+        row = raw.execute(_t.XACT_STATUS_SQL.format(p="%s"), (xid,)).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
+
+    def end_session(self, raw: Any, old: _t.SessionInfo) -> bool:
+        sql = _t.END_SESSION_SQL.format(p="%s")
+        row = raw.execute(sql, (old.backend_pid, old.backend_start)).fetchone()
+        return bool(row and row[0])
+
+    def is_broken(self, raw: Any) -> bool:
+        return is_broken(raw)
+
+    def close(self, raw: Any) -> None:
+        raw.close()
+
+    def execute(self, raw: Any, query: Any, params: Any, kwargs: Mapping[str, Any]) -> Any:
+        return raw.execute(query, params, **kwargs)
+
+    def closed_error(self) -> BaseException:
+        return psycopg.OperationalError("the connection is closed")
+
+    def bad_input(self, message: str) -> BaseException:
+        return psycopg.ProgrammingError(message)
+
+
+def _endpoints(params: Mapping[str, Any]) -> tuple[_t.Endpoint, ...]:
+    hosts = str(params.get("host") or os.environ.get("PGHOST") or "").split(",")
+    addrs = str(params.get("hostaddr") or "").split(",")
+    ports = str(params.get("port") or os.environ.get("PGPORT") or "5432").split(",")
+    if len(ports) == 1:
+        ports = ports * max(len(hosts), len(addrs))
+    result = []
+    for i, port_text in enumerate(ports):
+        try:
+            port = int(port_text.strip() or "5432")
+        except ValueError:
+            raise psycopg.ProgrammingError(
+                f"invalid port in the connection string: {port_text!r}"
+            ) from None
+        if not 0 < port < 65536:
+            raise psycopg.ProgrammingError(f"invalid port in the connection string: {port}")
+        addr = addrs[i] if i < len(addrs) else ""
+        host = addr or (hosts[i] if i < len(hosts) else "")
+        if host:  # without a host libpq picks its own socket directory: not probed
+            result.append(_t.Endpoint(host.strip(), port))
+    return tuple(result)

@@ -11,11 +11,13 @@ import ctypes
 import ctypes.util
 import functools
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import pyodbc
 
 from . import _sqlstates as table
+from . import _target as _t
 
 _SQLSTATE = re.compile(r"[0-9A-Z]{5}")
 _SQL_ATTR_CONNECTION_DEAD = 1209
@@ -82,3 +84,199 @@ def rule_without_sqlstate(error: object, connection: Any) -> table.Rule:
     if connection is not None and is_broken(connection):
         return table.NO_SQLSTATE_LOST
     return table.NO_SQLSTATE_OTHER
+
+
+# --- the session interface the resilient connection uses (`_target.Driver`) --------------
+
+#: psqlODBC's own keepalive settings (seconds), and libpq's through ``pqopt``.
+_ODBC_DETECTION = {
+    "keepalivetime": ("KeepaliveTime", str(_t.KEEPALIVE_IDLE)),
+    "keepaliveinterval": ("KeepaliveInterval", str(_t.KEEPALIVE_INTERVAL)),
+}
+_PQOPT_DETECTION = {
+    "keepalives_count": str(_t.KEEPALIVE_COUNT),
+    "tcp_user_timeout": str(_t.TCP_USER_TIMEOUT_MS),
+    "connect_timeout": str(_t.CONNECT_TIMEOUT),
+}
+
+
+def parse_connection_string(text: str) -> list[tuple[str, str]]:
+    """``key=value;`` pairs, with ``{...}`` values (``}}`` inside means ``}``)."""
+    pairs: list[tuple[str, str]] = []
+    i, n = 0, len(text)
+    while i < n:
+        while i < n and text[i] in "; \t":
+            i += 1
+        if i >= n:
+            break
+        eq = text.find("=", i)
+        if eq < 0:
+            raise ValueError(f"no '=' after {text[i:i + 20]!r}")
+        key = text[i:eq].strip()
+        if not key:
+            raise ValueError("an empty key")
+        i = eq + 1
+        if i < n and text[i] == "{":
+            value, i = _braced(text, i)
+        else:
+            end = text.find(";", i)
+            end = n if end < 0 else end
+            value, i = text[i:end].strip(), end
+        pairs.append((key, value))
+    return pairs
+
+
+def _braced(text: str, i: int) -> tuple[str, int]:
+    out = []
+    i += 1
+    while i < len(text):
+        if text[i] == "}":
+            if text[i + 1:i + 2] == "}":
+                out.append("}")
+                i += 2
+                continue
+            return "".join(out), i + 1
+        out.append(text[i])
+        i += 1
+    raise ValueError("a '{' without its '}'")
+
+
+def _quote(value: str) -> str:
+    if any(c in value for c in ";{}= ") or value != value.strip():
+        return "{" + value.replace("}", "}}") + "}"
+    return value
+
+
+def _pqopt(text: str) -> dict[str, str]:
+    opts: dict[str, str] = {}
+    for item in text.split():
+        key, _, value = item.partition("=")
+        opts[key] = value
+    return opts
+
+
+class PyodbcDriver:
+    name = "pyodbc"
+    operational_error: type[BaseException] = pyodbc.OperationalError
+    error: type[BaseException] = pyodbc.Error
+
+    def target(self, conninfo: str, kwargs: Mapping[str, Any]) -> _t.Target:
+        if not isinstance(conninfo, str):
+            raise self.bad_input("an ODBC connection string must be a str")
+        try:
+            pairs = parse_connection_string(conninfo)
+        except ValueError as exc:
+            raise self.bad_input(f"invalid ODBC connection string: {exc}") from None
+        keys = {k.lower(): i for i, (k, _) in enumerate(pairs)}
+        for lower, (key, value) in _ODBC_DETECTION.items():
+            if lower not in keys:
+                pairs.append((key, value))
+        pq = _pqopt(pairs[keys["pqopt"]][1]) if "pqopt" in keys else {}
+        for key, value in _PQOPT_DETECTION.items():
+            pq.setdefault(key, value)
+        pq_text = " ".join(f"{k}={v}" for k, v in pq.items())
+        if "pqopt" in keys:
+            pairs[keys["pqopt"]] = (pairs[keys["pqopt"]][0], pq_text)
+        else:
+            pairs.append(("pqopt", pq_text))
+        values = {k.lower(): v for k, v in pairs}
+        endpoints: tuple[_t.Endpoint, ...] = ()
+        if "dsn" not in values:
+            host = values.get("server") or values.get("servername") or "localhost"
+            port_text = values.get("port") or "5432"
+            try:
+                port = int(port_text)
+            except ValueError:
+                raise self.bad_input(
+                    f"invalid Port in the connection string: {port_text!r}"
+                ) from None
+            if not 0 < port < 65536:
+                raise self.bad_input(f"invalid Port in the connection string: {port}")
+            endpoints = (_t.Endpoint(host, port),)
+        user = values.get("uid") or values.get("username") or ""
+        database = values.get("database") or user
+        shown = ";".join(f"{k}={v}" for k, v in pairs
+                         if k.lower() in ("driver", "dsn", "server", "servername", "port",
+                                          "database", "uid", "username"))
+        connstring = ";".join(f"{k}={_quote(v)}" for k, v in pairs) + ";"
+        return _t.Target(
+            connect_args={"connstring": connstring, "kwargs": dict(kwargs)},
+            endpoints=endpoints,
+            user=user,
+            database=database,
+            description=f"pyodbc {shown}",
+        )
+
+    def connect(self, target: _t.Target) -> Any:
+        kwargs = dict(target.connect_args["kwargs"])
+        kwargs["autocommit"] = True
+        return pyodbc.connect(target.connect_args["connstring"], **kwargs)
+
+    def session_info(self, raw: Any) -> _t.SessionInfo:
+        row = raw.execute(_t.SESSION_INFO_SQL).fetchone()
+        return _t.SessionInfo(int(row[0]), str(row[1]), str(row[2]))
+
+    def apply_state(self, raw: Any, state: _t.SessionState) -> None:
+        # psqlODBC keeps no isolation or access mode of its own: set them on the session.
+        options = []
+        if state.isolation_level:
+            options.append(f"ISOLATION LEVEL {state.isolation_level.upper()}")
+        if state.read_only is not None:
+            options.append("READ ONLY" if state.read_only else "READ WRITE")
+        if options:
+            raw.autocommit = True
+            raw.execute("SET SESSION CHARACTERISTICS AS TRANSACTION " + ", ".join(options))
+        raw.autocommit = state.autocommit
+
+    def begin(self, raw: Any, state: _t.SessionState) -> str | None:
+        want_xid = not state.read_only
+        cur = raw.execute(_t.begin_sql(state, want_xid))
+        if not want_xid:
+            return None
+        cur.nextset()
+        return str(cur.fetchone()[0])
+
+    def commit(self, raw: Any) -> None:
+        raw.execute("COMMIT")
+
+    def rollback(self, raw: Any) -> None:
+        raw.execute("ROLLBACK")
+
+    def in_transaction(self, raw: Any) -> bool:
+        # ODBC cannot tell without a round trip; in autocommit mode a unit's
+        # ``commit()`` is a no-op, so there is nothing to check.
+        return True
+
+    def get_autocommit(self, raw: Any) -> bool:
+        return bool(raw.autocommit)
+
+    def set_autocommit(self, raw: Any, value: bool) -> None:
+        raw.autocommit = value
+
+    def xact_status(self, raw: Any, xid: str) -> str | None:
+        row = raw.execute(_t.XACT_STATUS_SQL.format(p="?"), xid).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
+
+    def end_session(self, raw: Any, old: _t.SessionInfo) -> bool:
+        sql = _t.END_SESSION_SQL.format(p="?")
+        row = raw.execute(sql, old.backend_pid, old.backend_start).fetchone()
+        return bool(row and row[0])
+
+    def is_broken(self, raw: Any) -> bool:
+        return is_broken(raw)
+
+    def close(self, raw: Any) -> None:
+        raw.close()
+
+    def execute(self, raw: Any, query: Any, params: Any, kwargs: Mapping[str, Any]) -> Any:
+        if kwargs:
+            raise TypeError(f"pyodbc's execute takes no keyword arguments: {sorted(kwargs)}")
+        return raw.execute(query) if params is None else raw.execute(query, params)
+
+    def closed_error(self) -> BaseException:
+        error: BaseException = pyodbc.ProgrammingError("Attempt to use a closed connection.")
+        return error
+
+    def bad_input(self, message: str) -> BaseException:
+        error: BaseException = pyodbc.ProgrammingError(message)
+        return error

@@ -9,11 +9,11 @@
   loaded automatically from `symfo_failover.harness.pytest_plugin`.
 """
 
+from .._probe import ProbeResult, probe
 from ._binaries import ServerBinariesNotFound, find_bindir
 from ._cluster import NODE_NAMES, BaseCluster, LocalCluster, NodeConflict, Transition
 from ._containers import ContainerCluster, container_available
 from ._partition import Partition, PartitionUnavailable, leftover_rules, partition_available
-from ._probe import ProbeResult, probe
 from ._proxy import FaultProxy, ProxyStats
 from ._server import LocalServer, ServerError
 

@@ -1,0 +1,141 @@
+"""What a driver adapter gives the resilient connection: the target and the session.
+
+`Target` is a parsed, validated connection request: how to connect, where the server
+is (for the probe), and a description safe to log. `Driver` is the interface each
+adapter implements; the connection never touches a driver directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+#: Detection defaults (DESIGN §5: a partitioned session is declared lost within 15 s).
+#: An idle session whose server vanished: keepalive probes after 5 s idle, every 2 s,
+#: 3 unanswered = lost after about 11 s. A session with unacknowledged data (a query
+#: sent into the partition): ``tcp_user_timeout`` ends it after 10 s. A connect attempt
+#: to an unreachable address gives up after 5 s.
+KEEPALIVE_IDLE = 5
+KEEPALIVE_INTERVAL = 2
+KEEPALIVE_COUNT = 3
+TCP_USER_TIMEOUT_MS = 10_000
+CONNECT_TIMEOUT = 5
+
+#: Isolation levels by their SQL names.
+ISOLATION_LEVELS = ("read uncommitted", "read committed", "repeatable read", "serializable")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Target:
+    """A validated connection request."""
+
+    #: What the adapter's ``connect`` needs (driver-specific).
+    connect_args: Mapping[str, Any]
+    #: Where the servers are, for the startup probe (empty: not known, e.g. an ODBC DSN).
+    endpoints: tuple[Endpoint, ...]
+    user: str
+    database: str
+    #: Safe to log: no password, no full connection string.
+    description: str
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """Facts about a session, read once when it is made."""
+
+    backend_pid: int
+    #: ``pg_postmaster_start_time()``: changes when the server restarts or the other
+    #: node takes over.
+    server_started: str
+    #: The session's own ``backend_start``: with the pid it names this session, so that
+    #: a later session never terminates a stranger that reused the pid.
+    backend_start: str
+
+
+@dataclass
+class SessionState:
+    """The settings the connection keeps across sessions."""
+
+    autocommit: bool = False
+    isolation_level: str | None = None
+    read_only: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Driver(Protocol):
+    name: str
+    #: The driver's OperationalError, the second base of the library's errors.
+    operational_error: type[BaseException]
+    #: The driver's exception base class.
+    error: type[BaseException]
+
+    def target(self, conninfo: str, kwargs: Mapping[str, Any]) -> Target: ...
+    def connect(self, target: Target) -> Any: ...
+    def session_info(self, raw: Any) -> SessionInfo: ...
+    def apply_state(self, raw: Any, state: SessionState) -> None: ...
+    def begin(self, raw: Any, state: SessionState) -> str | None: ...
+    def commit(self, raw: Any) -> None: ...
+    def rollback(self, raw: Any) -> None: ...
+    def in_transaction(self, raw: Any) -> bool: ...
+    def get_autocommit(self, raw: Any) -> bool: ...
+    def set_autocommit(self, raw: Any, value: bool) -> None: ...
+    def xact_status(self, raw: Any, xid: str) -> str | None: ...
+    def end_session(self, raw: Any, old: SessionInfo) -> bool: ...
+    def is_broken(self, raw: Any) -> bool: ...
+    def close(self, raw: Any) -> None: ...
+    def execute(self, raw: Any, query: Any, params: Any, kwargs: Mapping[str, Any]) -> Any: ...
+    def closed_error(self) -> BaseException: ...
+    def bad_input(self, message: str) -> BaseException: ...
+
+
+def begin_sql(state: SessionState, want_xid: bool) -> str:
+    """The one statement that opens a unit's transaction (and reads its id)."""
+    options = []
+    if state.isolation_level:
+        options.append(f"ISOLATION LEVEL {state.isolation_level.upper()}")
+    if state.read_only is not None:
+        options.append("READ ONLY" if state.read_only else "READ WRITE")
+    sql = "BEGIN " + ", ".join(options) if options else "BEGIN"
+    if want_xid:
+        # Assigning the id at BEGIN costs no round trip (it travels with BEGIN) and
+        # makes it known before any COMMIT is sent, whatever happens to the reply.
+        sql += "; SELECT pg_current_xact_id()::text"
+    return sql
+
+
+#: Reads `SessionInfo` in one round trip.
+SESSION_INFO_SQL = (
+    "SELECT pg_backend_pid(), pg_postmaster_start_time()::text, "
+    "(SELECT backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid())"
+)
+
+#: Ends an old session of ours, if it is still the same session (pid and start).
+END_SESSION_SQL = (
+    "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+    "WHERE pid = {p} AND backend_start = {p}::timestamptz"
+)
+
+XACT_STATUS_SQL = "SELECT pg_xact_status({p}::xid8)"
+
+
+def normalise_isolation(value: object) -> str | None:
+    """``"serializable"``, ``"SERIALIZABLE"``, psycopg's ``IsolationLevel.SERIALIZABLE``."""
+    if value is None:
+        return None
+    name = getattr(value, "name", value)
+    if not isinstance(name, str):
+        raise ValueError(f"not an isolation level: {value!r}")
+    text = name.replace("_", " ").strip().lower()
+    if text not in ISOLATION_LEVELS:
+        raise ValueError(f"not an isolation level: {value!r}; use one of {ISOLATION_LEVELS}")
+    return text
+
+
+Configure = Callable[[Any], None]
