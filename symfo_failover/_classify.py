@@ -50,6 +50,8 @@ def _classify(error: object, connection: Any) -> Failure:
         shown = str(raw)[:40]
         failure = _failure(table.DEFAULT, None, text)
         return replace(failure, message=f"not a SQLSTATE: {shown!r}. {failure.message}")
+    if code in table.GENERIC_CODES and connection is not None and _broken(connection):
+        return _failure(table.GENERIC_ON_BROKEN, code, text)
     return _failure(table.lookup(code), code, text)
 
 
@@ -85,6 +87,15 @@ def _rule_without_sqlstate(error: object, connection: Any) -> table.Rule:
                 rule: table.Rule = adapter.rule_without_sqlstate(error, connection)
                 return rule
     return table.NO_SQLSTATE_OTHER
+
+
+def _broken(connection: Any) -> bool:
+    for module, attr in (("psycopg", "_driver_psycopg"), ("pyodbc", "_driver_pyodbc")):
+        if module in sys.modules:
+            adapter = _adapter(attr)
+            if adapter.owns_connection(connection):
+                return bool(adapter.is_broken(connection))
+    return False
 
 
 def _adapter(name: str) -> Any:

@@ -214,6 +214,18 @@ NO_SQLSTATE: tuple[Rule, ...] = (
     NO_SQLSTATE_LOST, NO_SQLSTATE_CONNECT, NO_SQLSTATE_AUTH, NO_SQLSTATE_OTHER,
 )
 
+#: A driver's own catch-all code, raised on a session the driver now knows is dead.
+GENERIC_ON_BROKEN = _row(
+    "HY000 on a broken session", "connection_lost", LOST,
+    "measured: psqlODBC ('internal SAVEPOINT failed' when the server went away inside "
+    "a transaction)",
+    "psqlODBC reports its catch-all HY000 when the statement-level SAVEPOINT it sends "
+    "first finds the connection gone; ODBC's SQL_ATTR_CONNECTION_DEAD then says the "
+    "session is dead: a lost connection.")
+#: The codes that are a driver's catch-all rather than the server's word.
+GENERIC_CODES = frozenset({"HY000"})
+ON_BROKEN_SESSION: tuple[Rule, ...] = (GENERIC_ON_BROKEN,)
+
 EXACT_BY_CODE: dict[str, Rule] = {r.code: r for r in EXACT}
 CLASS_BY_CODE: dict[str, Rule] = {r.code: r for r in CLASSES}
 

@@ -148,3 +148,21 @@ def test_pyodbc_connect_failures(srv: LocalServer, password_server: LocalServer)
     assert failure.sqlstate == "08001"
     assert failure.kind is Kind.CONNECT_FAILED
     assert PASSWORD not in failure.message
+
+
+@pytest.mark.odbc
+def test_pyodbc_catch_all_on_a_session_that_died_in_a_transaction(srv: LocalServer) -> None:
+    """psqlODBC sends a SAVEPOINT before each statement in a transaction; when the server
+    is gone that fails with its catch-all HY000, not 08S01: the dead session decides."""
+    conn = pyodbc.connect(_up(srv).odbc_connection_string(), autocommit=True, timeout=5)
+    conn.execute("BEGIN")
+    conn.execute("SELECT 1")
+    srv.stop("fast")
+    with pytest.raises(pyodbc.Error) as info:
+        conn.execute("SELECT ?", 1)
+    assert info.value.args[0] == "HY000"
+    assert classify(info.value).kind is Kind.NOT_RETRYABLE  # the code alone says nothing
+    failure = classify(info.value, connection=conn)
+    assert failure.kind is Kind.CONNECTION_LOST
+    assert failure.rule == "HY000 on a broken session"
+    conn.close()

@@ -1,0 +1,540 @@
+"""ResilientConnection against real servers: lost COMMITs, failovers, passthrough, bad input.
+
+Every test runs with psycopg and with pyodbc + psqlODBC.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pyodbc
+import pytest
+
+import symfo_failover as sf
+from symfo_failover.harness import FaultProxy, LocalCluster
+
+pytestmark = pytest.mark.server
+
+FAST = sf.RetryPolicy(deadline=30)
+
+
+@pytest.fixture(params=["psycopg", pytest.param("pyodbc", marks=pytest.mark.odbc)])
+def driver(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def cluster() -> Iterator[LocalCluster]:
+    with LocalCluster() as cl:
+        cl.start()
+        with psycopg.connect(cl.conninfo(), autocommit=True) as conn:
+            conn.execute("CREATE TABLE ledger (id text, amount int)")
+            conn.execute("CREATE TABLE counter (n int)")
+            conn.execute("INSERT INTO counter VALUES (0)")
+        yield cl
+
+
+@pytest.fixture
+def proxy(cluster: LocalCluster) -> Iterator[FaultProxy]:
+    with FaultProxy(cluster.host, cluster.port) as px:
+        yield px
+
+
+def conninfo(driver: str, cluster: LocalCluster, host: str, port: int, **extra: str) -> str:
+    if driver == "psycopg":
+        return cluster.conninfo(host=host, port=str(port), **extra)
+    return cluster.odbc_connection_string(Server=host, Port=str(port), **extra)
+
+
+def exe(raw: Any, sql: str, *params: Any) -> Any:
+    """Run one statement on a raw psycopg or pyodbc connection (``%s`` placeholders)."""
+    if isinstance(raw, psycopg.Connection):
+        return raw.execute(sql, params or None)
+    return raw.execute(sql.replace("%s", "?"), *params)
+
+
+def ledger(cluster: LocalCluster, entry: str) -> int:
+    with psycopg.connect(cluster.conninfo(), autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM ledger WHERE id = %s", (entry,)).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+class Recorder:
+    """An on_event hook that keeps the events and can act on one."""
+
+    def __init__(self) -> None:
+        self.events: list[sf.Event] = []
+        self.on: dict[type[sf.Event], Callable[[sf.Event], None]] = {}
+
+    def __call__(self, event: sf.Event) -> None:
+        self.events.append(event)
+        action = self.on.pop(type(event), None)
+        if action is not None:
+            action(event)
+
+    def of(self, kind: type[sf.Event]) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+class Unit:
+    """A transfer that counts how often it ran."""
+
+    def __init__(self, entry: str, amount: int = 1) -> None:
+        self.entry, self.amount, self.runs = entry, amount, 0
+
+    def __call__(self, raw: Any) -> str:
+        self.runs += 1
+        exe(raw, "INSERT INTO ledger VALUES (%s, %s)", self.entry, self.amount)
+        exe(raw, "UPDATE counter SET n = n + 1")
+        return f"done {self.entry}"
+
+
+# --- 2. lost COMMIT replies -----------------------------------------------------------
+
+
+def test_commit_reply_lost_after_the_server_committed(
+    driver: str, cluster: LocalCluster, proxy: FaultProxy
+) -> None:
+    rec = Recorder()
+    with sf.connect(conninfo(driver, cluster, proxy.host, proxy.port), driver=driver,
+                    policy=FAST, on_event=rec) as rc:
+        proxy.arm_commit_drop()
+        unit = Unit("committed")
+        assert rc.run(unit) == "done committed"
+    assert unit.runs == 1, "a unit that committed must not run again"
+    assert ledger(cluster, "committed") == 1
+    [resolved] = rec.of(sf.CommitResolved)
+    assert (resolved.status, resolved.outcome) == ("committed", "returned")
+    assert proxy.stats.commits_dropped == 1
+    assert not rec.of(sf.UnitReplayed)
+
+
+def test_commit_never_reached_the_server(
+    driver: str, cluster: LocalCluster, proxy: FaultProxy
+) -> None:
+    """The COMMIT is withheld and the old session ends on the server: it ran again."""
+    rec = Recorder()
+
+    def end_old_session(event: sf.Event) -> None:
+        # Before the library reconnects: the held server side goes away, the server
+        # rolls the transaction back. The new session finds it aborted.
+        assert proxy.release_held() == 1
+        with psycopg.connect(cluster.conninfo(), autocommit=True) as conn:
+            for _ in range(200):
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in%'"
+                ).fetchone()
+                if row is not None and row[0] == 0:
+                    return
+                time.sleep(0.01)
+        raise AssertionError("the old session did not end")
+
+    rec.on[sf.FailureDetected] = end_old_session
+    with sf.connect(conninfo(driver, cluster, proxy.host, proxy.port), driver=driver,
+                    policy=FAST, on_event=rec) as rc:
+        proxy.arm_commit_hold()
+        unit = Unit("aborted")
+        assert rc.run(unit) == "done aborted"
+    assert unit.runs == 2
+    assert ledger(cluster, "aborted") == 1
+    [resolved] = rec.of(sf.CommitResolved)
+    assert (resolved.status, resolved.outcome) == ("aborted", "replayed")
+    assert not resolved.terminated_old_session
+    assert len(rec.of(sf.UnitReplayed)) == 1
+
+
+def test_commit_held_while_the_old_session_lives_on(
+    driver: str, cluster: LocalCluster, proxy: FaultProxy
+) -> None:
+    """A network break: the old session is idle in its transaction, holding its xid and
+    its locks. It must be ended before the answer is trusted, and stay ended."""
+    rec = Recorder()
+    with sf.connect(conninfo(driver, cluster, proxy.host, proxy.port), driver=driver,
+                    policy=FAST, on_event=rec) as rc:
+        proxy.arm_commit_hold()
+        unit = Unit("held")
+        assert rc.run(unit) == "done held"
+        # The withheld COMMIT arrives late: the old session is gone, nothing happens.
+        proxy.release_held()
+        time.sleep(0.1)
+    assert unit.runs == 2
+    assert ledger(cluster, "held") == 1
+    [resolved] = rec.of(sf.CommitResolved)
+    assert (resolved.status, resolved.outcome) == ("aborted", "replayed")
+    assert resolved.terminated_old_session
+    [reconnected] = rec.of(sf.Reconnected)
+    assert reconnected.ended_old_session
+    assert not reconnected.failover
+
+
+def test_commit_outcome_unknown_when_the_server_cannot_say(
+    driver: str, cluster: LocalCluster, proxy: FaultProxy
+) -> None:
+    """A locked-down server where the application's role may not call pg_xact_status."""
+    with psycopg.connect(cluster.conninfo(), autocommit=True) as conn:
+        conn.execute("CREATE ROLE app LOGIN")
+        conn.execute("GRANT ALL ON ledger, counter TO app")
+        conn.execute("REVOKE EXECUTE ON FUNCTION pg_xact_status(xid8) FROM PUBLIC")
+    rec = Recorder()
+    info = conninfo(driver, cluster, proxy.host, proxy.port,
+                    **({"user": "app"} if driver == "psycopg" else {"Uid": "app"}))
+    with sf.connect(info, driver=driver, policy=FAST, on_event=rec) as rc:
+        proxy.arm_commit_drop()
+        unit = Unit("unknown")
+        with pytest.raises(sf.CommitOutcomeUnknown) as raised:
+            rc.run(unit)
+    err = raised.value
+    assert isinstance(err, psycopg.OperationalError if driver == "psycopg"
+                      else pyodbc.OperationalError)
+    assert err.xid is not None
+    assert err.xid in str(err)
+    assert not sf.classify(err).retryable
+    assert unit.runs == 1, "an unknown outcome is never run again"
+    assert ledger(cluster, "unknown") == 1  # it did commit; the library did not guess
+    assert rec.of(sf.CommitResolved)[0].outcome == "raised"
+
+
+def test_commit_outcome_unknown_when_the_server_never_returns(
+    driver: str, cluster: LocalCluster, proxy: FaultProxy
+) -> None:
+    rec = Recorder()
+    rec.on[sf.FailureDetected] = lambda event: cluster.stop_both("immediate")
+    policy = sf.RetryPolicy(deadline=1.0)
+    with sf.connect(conninfo(driver, cluster, proxy.host, proxy.port), driver=driver,
+                    policy=policy, on_event=rec) as rc:
+        proxy.arm_commit_drop()
+        with pytest.raises(sf.CommitOutcomeUnknown, match="unknown"):
+            rc.run(Unit("lost"))
+    assert rec.of(sf.GaveUp)
+
+
+def test_read_only_units_need_no_transaction_id(
+    driver: str, cluster: LocalCluster, proxy: FaultProxy
+) -> None:
+    rec = Recorder()
+    with sf.connect(conninfo(driver, cluster, proxy.host, proxy.port), driver=driver,
+                    policy=FAST, on_event=rec) as rc:
+        rc.read_only = True
+
+        def read(raw: Any) -> Any:
+            return exe(raw, "SELECT (pg_current_xact_id_if_assigned() IS NULL)::text, "
+                            "current_setting('transaction_read_only')").fetchone()
+
+        proxy.arm_commit_drop()
+        assert tuple(rc.run(read)) == ("true", "on")
+    [resolved] = rec.of(sf.CommitResolved)
+    assert (resolved.xid, resolved.status) == (None, "no transaction id")
+
+
+# --- failovers, conflicts, session state ------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", ["switchover", "crash", "node_down", "failover"])
+def test_a_unit_survives_each_scenario_of_the_guide(
+    driver: str, cluster: LocalCluster, scenario: str
+) -> None:
+    rec = Recorder()
+    configured: list[object] = []
+    with sf.connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
+                    policy=FAST, on_event=rec, configure=configured.append) as rc:
+        before = rc.session
+        assert before is not None
+
+        def fault(raw: Any) -> None:
+            exe(raw, "SELECT 1")
+            if scenario == "failover":
+                cluster.failover(switch_delay=0.2, startup_delay=0.3)
+            else:
+                getattr(cluster, scenario)()
+                if scenario in ("crash", "node_down"):
+                    threading.Timer(0.3, cluster.start).start()
+
+        unit = Unit(scenario)
+
+        def unit_with_fault(raw: Any) -> str:
+            if unit.runs == 0:
+                fault(raw)
+            return unit(raw)
+
+        assert rc.run(unit_with_fault) == f"done {scenario}"
+        after = rc.session
+    assert unit.runs == 2
+    assert ledger(cluster, scenario) == 1
+    assert after is not None
+    assert after.server_started != before.server_started
+    [reconnected] = rec.of(sf.Reconnected)
+    assert reconnected.failover, "a restart is a failover, not a blip"
+    assert len(configured) == 2, "configure runs on every new session"
+    assert rec.of(sf.FailureDetected)[0].phase == "unit"
+
+
+def test_a_proxy_cut_is_a_blip_not_a_failover(
+    driver: str, cluster: LocalCluster, proxy: FaultProxy
+) -> None:
+    rec = Recorder()
+    with sf.connect(conninfo(driver, cluster, proxy.host, proxy.port), driver=driver,
+                    policy=FAST, on_event=rec) as rc:
+        unit = Unit("cut")
+
+        def cut_once(raw: Any) -> str:
+            if unit.runs == 0:
+                exe(raw, "SELECT 1")
+                proxy.cut()
+            return unit(raw)
+
+        rc.run(cut_once)
+    [reconnected] = rec.of(sf.Reconnected)
+    assert not reconnected.failover
+    assert ledger(cluster, "cut") == 1
+
+
+@pytest.mark.parametrize("code", ["40001", "40P01"])
+def test_conflicts_run_again_on_the_same_session(
+    driver: str, cluster: LocalCluster, code: str
+) -> None:
+    rec = Recorder()
+    with sf.connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
+                    policy=FAST, on_event=rec) as rc:
+        pids: list[int] = []
+        unit = Unit(code)
+
+        def conflicting(raw: Any) -> str:
+            pids.append(int(exe(raw, "SELECT pg_backend_pid()").fetchone()[0]))
+            if len(pids) == 1:
+                exe(raw, "INSERT INTO ledger VALUES ('partial', 0)")
+                exe(raw, f"DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '{code}'; "
+                         "END $$")
+            return unit(raw)
+
+        rc.run(conflicting)
+    assert len(pids) == 2
+    assert pids[0] == pids[1]
+    assert ledger(cluster, "partial") == 0, "the first try was rolled back"
+    assert ledger(cluster, code) == 1
+    assert not rec.of(sf.Reconnected)
+    assert [e.reason for e in rec.of(sf.UnitReplayed)] == ["transaction_conflict"]
+
+
+def test_a_real_deadlock_is_run_again(driver: str, cluster: LocalCluster) -> None:
+    with psycopg.connect(cluster.conninfo(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE acct (id int PRIMARY KEY, n int)")
+        conn.execute("INSERT INTO acct VALUES (1, 0), (2, 0)")
+    barrier = threading.Barrier(2, timeout=10)
+    errors: list[BaseException] = []
+
+    def worker(first: int, second: int) -> None:
+        try:
+            with sf.connect(conninfo(driver, cluster, cluster.host, cluster.port),
+                            driver=driver, policy=FAST) as rc:
+                tries = 0
+
+                def unit(raw: Any) -> None:
+                    nonlocal tries
+                    tries += 1
+                    exe(raw, "UPDATE acct SET n = n + 1 WHERE id = %s", first)
+                    if tries == 1:
+                        barrier.wait()
+                    exe(raw, "UPDATE acct SET n = n + 1 WHERE id = %s", second)
+
+                rc.run(unit)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=a) for a in ((1, 2), (2, 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    with psycopg.connect(cluster.conninfo()) as conn:
+        assert conn.execute("SELECT sum(n) FROM acct").fetchone() == (4,)
+
+
+def test_a_lost_prepared_statement_runs_again_once_on_a_new_session(
+    driver: str, cluster: LocalCluster
+) -> None:
+    rec = Recorder()
+    with sf.connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
+                    policy=FAST, on_event=rec) as rc:
+        rc.autocommit = True
+        rc.execute("PREPARE one AS SELECT 1")
+        assert rc.run(lambda raw: exe(raw, "EXECUTE one").fetchone()[0]) == 1
+        cluster.switchover()
+        runs = 0
+
+        def use_it(raw: Any) -> Any:
+            nonlocal runs
+            runs += 1
+            return exe(raw, "EXECUTE one").fetchone()
+
+        with pytest.raises((psycopg.Error, pyodbc.Error)) as raised:
+            rc.run(use_it)
+    assert sf.classify(raised.value).sqlstate == "26000"
+    assert not isinstance(raised.value, sf.FailoverError)
+    assert runs == 2, "run again once on the new session, then raised"
+
+
+def test_session_state_is_restored_on_a_new_session(driver: str, cluster: LocalCluster) -> None:
+    settings: list[Any] = []
+
+    def configure(raw: Any) -> None:
+        exe(raw, "SET application_name = 'billing'")
+
+    with sf.connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
+                    policy=FAST, configure=configure) as rc:
+        rc.isolation_level = "serializable"
+
+        def show(raw: Any) -> tuple[str, str, str]:
+            row = exe(raw, "SELECT current_setting('transaction_isolation'), "
+                           "current_setting('transaction_read_only'), "
+                           "current_setting('application_name')").fetchone()
+            return (row[0], row[1], row[2])
+
+        settings.append(rc.run(show))
+        cluster.switchover()
+        settings.append(rc.run(show))
+        rc.read_only = True
+        settings.append(rc.run(show))
+        # Passthrough statements see the tracked state too.
+        rc.read_only = False
+        cluster.switchover()
+        with pytest.raises(Exception):  # noqa: B017,PT011 - the driver's own type
+            rc.execute("SELECT 1")
+        row = rc.execute("SHOW transaction_isolation").fetchone()
+        rc.rollback()
+    assert settings == [
+        ("serializable", "off", "billing"),
+        ("serializable", "off", "billing"),
+        ("serializable", "on", "billing"),
+    ]
+    assert row[0] == "serializable"
+
+
+# --- the DB-API passthrough ---------------------------------------------------------------
+
+
+def test_passthrough_keeps_driver_types_and_never_runs_a_statement_again(
+    driver: str, cluster: LocalCluster
+) -> None:
+    rec = Recorder()
+    with sf.connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
+                    policy=FAST, on_event=rec, autocommit=True) as rc:
+        assert rc.autocommit is True
+        rc.execute("CREATE TABLE uniq (id int PRIMARY KEY)")
+        rc.execute("INSERT INTO uniq VALUES (1)")
+        dup = psycopg.errors.UniqueViolation if driver == "psycopg" else pyodbc.IntegrityError
+        with pytest.raises(dup) as raised:
+            rc.execute("INSERT INTO uniq VALUES (1)")
+        assert raised.value.failure.sqlstate == "23505"  # type: ignore[attr-defined]
+        # Inside run() the application's errors keep their types as well.
+        with pytest.raises(dup):
+            rc.run(lambda raw: exe(raw, "INSERT INTO uniq VALUES (1)"))
+
+        old = rc.connection
+        cluster.switchover()
+        lost = psycopg.OperationalError if driver == "psycopg" else pyodbc.Error
+        with pytest.raises(lost) as raised:
+            rc.execute("INSERT INTO uniq VALUES (2)")
+        assert raised.value.failure.kind is sf.Kind.CONNECTION_LOST  # type: ignore[attr-defined]
+        # Not run again by the library: the row is not there.
+        assert rc.execute("SELECT count(*) FROM uniq WHERE id = 2").fetchone()[0] == 0
+        assert rc.connection is not old
+        cur = rc.cursor()
+        cur.execute("SELECT 1")
+        assert cur.fetchone()[0] == 1
+        rc.commit()
+        rc.rollback()
+    assert rc.closed
+    with pytest.raises((psycopg.OperationalError, pyodbc.ProgrammingError)):
+        rc.execute("SELECT 1")
+
+
+def test_rollback_on_a_lost_session_is_quiet(driver: str, cluster: LocalCluster) -> None:
+    with sf.connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
+                    policy=FAST) as rc:
+        rc.execute("SELECT 1")
+        cluster.switchover()
+        with pytest.raises(Exception):  # noqa: B017,PT011 - the driver's own type
+            rc.execute("SELECT 1")
+        rc.rollback()
+        assert rc.execute("SELECT 2").fetchone()[0] == 2
+
+
+# --- bad input and giving up -------------------------------------------------------------
+
+
+def test_wrong_password_fails_at_once(driver: str) -> None:
+    rec = Recorder()
+    with LocalCluster(password="right") as cl:
+        cl.start()
+        info = (cl.conninfo(password="wrong") if driver == "psycopg"
+                else cl.odbc_connection_string(Pwd="wrong"))
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError if driver == "psycopg"
+                           else pyodbc.Error) as raised:
+            sf.connect(info, driver=driver, on_event=rec)
+        spent = time.monotonic() - started
+    assert not isinstance(raised.value, sf.RetriesExhausted)
+    assert not raised.value.failure.retryable  # type: ignore[attr-defined]
+    assert len(rec.of(sf.FailureDetected)) == 1, "no retry loop"
+    assert spent < 30, "must not wait for the policy's deadline"
+
+
+def test_a_missing_database_fails_at_once(driver: str, cluster: LocalCluster) -> None:
+    rec = Recorder()
+    info = (cluster.conninfo(dbname="nosuchdb") if driver == "psycopg"
+            else cluster.odbc_connection_string(database="nosuchdb"))
+    with pytest.raises(psycopg.Error if driver == "psycopg" else pyodbc.Error) as raised:
+        sf.connect(info, driver=driver, on_event=rec)
+    failure = raised.value.failure  # type: ignore[attr-defined]
+    assert failure.rule == "connect failed, server up"
+    assert "3D000" in failure.message
+    assert len(rec.of(sf.FailureDetected)) == 1
+
+
+@pytest.mark.parametrize("bad", ["port=notaport", "bogus_option=1"])
+def test_an_invalid_connection_string_fails_at_once(bad: str) -> None:
+    with pytest.raises(psycopg.ProgrammingError):
+        sf.connect(f"host=127.0.0.1 {bad}")
+
+
+@pytest.mark.odbc
+def test_an_unknown_odbc_driver_fails_at_once() -> None:
+    with pytest.raises(pyodbc.Error) as raised:
+        sf.connect("Driver={No Such Driver};Server=127.0.0.1;Port=1", driver="pyodbc")
+    assert not raised.value.failure.retryable  # type: ignore[attr-defined]
+
+
+def test_a_server_that_never_comes_back_gives_up_at_the_deadline(
+    driver: str, cluster: LocalCluster
+) -> None:
+    rec = Recorder()
+    policy = sf.RetryPolicy(deadline=1.0)
+    with sf.connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
+                    policy=policy, on_event=rec) as rc:
+        cluster.stop_both()
+        started = time.monotonic()
+        with pytest.raises(sf.RetriesExhausted) as raised:
+            rc.run(Unit("never"))
+        spent = time.monotonic() - started
+    err = raised.value
+    assert isinstance(err, psycopg.OperationalError if driver == "psycopg"
+                      else pyodbc.OperationalError)
+    assert err.attempts > 3
+    assert 1.0 <= err.elapsed < 10
+    assert spent >= 1.0
+    assert err.failure.kind is sf.Kind.CONNECT_FAILED
+    assert "deadline 1.0 s" in str(err)
+    assert str(cluster.port) in str(err)
+    assert "password" not in str(err).lower()
+    [gave_up] = rec.of(sf.GaveUp)
+    assert gave_up.attempts == err.attempts
+    # connect() itself gives up the same way.
+    with pytest.raises(sf.RetriesExhausted):
+        sf.connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
+                   policy=policy)
