@@ -241,9 +241,16 @@ class ResilientConnection:
     # --- the retry loop ------------------------------------------------------------
 
     def _retrying(self, call: _Call, attempt: Callable[[], _T]) -> _T:
+        # The first try runs without tenacity: the steady state pays nothing for it.
         try:
-            for try_ in self._policy.retrying(_Again):
+            return attempt()
+        except _Again as exc:
+            first: list[_Again] = [exc]
+        try:
+            for try_ in self._policy.retrying(_Again, started=call.started):
                 with try_:
+                    if first:
+                        raise first.pop()  # counted as tenacity's first try
                     return attempt()
         except tenacity.RetryError as exc:
             last = exc.last_attempt.exception()

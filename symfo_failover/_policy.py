@@ -65,14 +65,16 @@ class RetryPolicy:
         base = min(self.max_delay, self.first_delay * (2.0**exponent))
         return base * (1.0 - self.jitter * self.random())
 
-    def retrying(self, retry_on: type[BaseException]) -> tenacity.Retrying:
+    def retrying(
+        self, retry_on: type[BaseException], *, started: float | None = None
+    ) -> tenacity.Retrying:
         """A tenacity loop that retries ``retry_on`` within this policy.
 
-        The deadline runs from the moment the loop is made. Waits never go past it, so
-        the last try happens at the deadline; when it fails tenacity raises
-        ``RetryError`` (the caller turns it into its own error).
+        The deadline runs from ``started`` (a reading of ``clock``; default: now). Waits
+        never go past it, so the last try happens at the deadline; when it fails
+        tenacity raises ``RetryError`` (the caller turns it into its own error).
         """
-        start = self.clock()
+        start = self.clock() if started is None else started
 
         def remaining() -> float:
             return self.deadline - (self.clock() - start)
