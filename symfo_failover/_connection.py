@@ -64,6 +64,7 @@ class _Call:
         self.fresh_session = False
         self.state_lost_retried = False
         self.pending: _Pending | None = None
+        self.ran = False  # the unit started at least once
 
 
 _NOTHING = object()
@@ -148,7 +149,7 @@ class ResilientConnection:
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
         """A cursor of the current driver connection (a new session if the last was lost)."""
-        return self._passthrough(lambda raw: raw.cursor(*args, **kwargs))
+        return self._passthrough(lambda raw: raw.cursor(*args, **kwargs), opens=True)
 
     def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
         """Execute one statement on the current session; returns the driver's cursor.
@@ -157,11 +158,11 @@ class ResilientConnection:
         classification attached) and the next call gets a new session if needed.
         """
         return self._passthrough(
-            lambda raw: self._driver.execute(raw, query, params, kwargs)
+            lambda raw: self._driver.execute(raw, query, params, kwargs), opens=True
         )
 
     def commit(self) -> None:
-        self._passthrough(lambda raw: raw.commit())
+        self._passthrough(lambda raw: raw.commit(), opens=False)
 
     def rollback(self) -> None:
         """Roll back. On a lost session there is nothing to roll back: the server did."""
@@ -171,7 +172,7 @@ class ResilientConnection:
             if raw is None or self._driver.is_broken(raw):
                 self._drop_session()
                 return
-            self._passthrough(lambda r: r.rollback())
+            self._passthrough(lambda r: r.rollback(), opens=False)
 
     def close(self) -> None:
         """Close the session. Idempotent."""
@@ -276,7 +277,7 @@ class ResilientConnection:
             f"gave up after {call.attempts} tries in {elapsed:.1f} s "
             f"(policy: deadline {self._policy.deadline} s"
             + (f", attempts {self._policy.attempts}" if self._policy.attempts else "")
-            + f") connecting to {self._target.description}; last failure: {failure}",
+            + f") with {self._target.description}; last failure: {failure}",
             failure=failure,
             attempts=call.attempts,
             elapsed=elapsed,
@@ -289,14 +290,21 @@ class ResilientConnection:
         call.attempts += 1
         raw = self._session(call)
         if not self._driver.get_autocommit(raw):
+            known = self._driver.in_transaction(raw)
+            if known or (known is None and self._maybe_in_transaction):
+                raise RuntimeError(
+                    "run() was called inside an open passthrough transaction: commit or "
+                    "roll it back first (a unit of work is its own transaction)"
+                )
             # The unit's BEGIN and COMMIT are ours; passthrough calls switch it back.
             self._driver.set_autocommit(raw, True)
         if call.pending is not None:
             done, result = self._resolve(call, raw)
             if done:
                 return result  # type: ignore[no-any-return]
-        if call.failure is not None:
+        if call.ran and call.failure is not None:
             self._emit(ev.UnitReplayed, call, attempt=call.attempts, reason=call.failure.kind.value)
+        call.ran = True
         return self._unit(call, raw, fn, args, kwargs)
 
     def _unit(
@@ -314,7 +322,7 @@ class ResilientConnection:
         try:
             xid = driver.begin(raw, self._state)
             result = fn(raw, *args, **kwargs)
-            if not driver.in_transaction(raw):
+            if driver.in_transaction(raw) is False:
                 raise RuntimeError(
                     "the unit of work ended its transaction itself; run() begins and "
                     "commits, the function must not commit or roll back"
@@ -447,7 +455,7 @@ class ResilientConnection:
                     error = again
                     failure = self._confirm_unavailable(classify(again))
         call.failure = failure
-        self._emit(ev.FailureDetected, call, failure=failure, phase="connect",
+        self._emit(ev.FailureDetected, call, failure=failure, phase=Phase.CONNECT.value,
                    attempt=call.attempts)
         if not failure.retryable:
             _attach(error, failure)
@@ -502,7 +510,7 @@ class ResilientConnection:
             driver.apply_state(raw, self._state)
             if self._configure is not None:
                 self._configure(raw)
-                if not self._state.autocommit and driver.in_transaction(raw):
+                if not self._state.autocommit and driver.in_transaction(raw) is not False:
                     raw.commit()
         except BaseException:
             _quietly(driver.close, raw)
@@ -510,6 +518,7 @@ class ResilientConnection:
         if call is not None:
             call.fresh_session = True
         self._raw, self._info = raw, info
+        self._maybe_in_transaction = False
         self._server_started = info.server_started
         if previous is not None:
             self._emit(
@@ -523,6 +532,8 @@ class ResilientConnection:
         return raw
 
     _ended_old = False
+    #: A passthrough call may have opened a transaction the driver cannot report (ODBC).
+    _maybe_in_transaction = False
 
     def _drop_session(self) -> None:
         raw, info = self._raw, self._info
@@ -539,7 +550,9 @@ class ResilientConnection:
         except Exception:
             return False
 
-    def _passthrough(self, op: Callable[[Any], _T]) -> _T:
+    def _passthrough(self, op: Callable[[Any], _T], *, opens: bool) -> _T:
+        """``op(raw)`` on the current session. ``opens``: it may open a transaction
+        (statements, cursors); commit and rollback end it."""
         with self._lock:
             self._check_open()
             raw = self._raw
@@ -548,6 +561,7 @@ class ResilientConnection:
             try:
                 if self._driver.get_autocommit(raw) != self._state.autocommit:
                     self._driver.set_autocommit(raw, self._state.autocommit)
+                self._maybe_in_transaction = opens and not self._state.autocommit
                 return op(raw)
             except self._driver.error as exc:
                 failure = classify(exc, connection=raw)

@@ -242,10 +242,10 @@ class PyodbcDriver:
     def rollback(self, raw: Any) -> None:
         raw.execute("ROLLBACK")
 
-    def in_transaction(self, raw: Any) -> bool:
-        # ODBC cannot tell without a round trip; in autocommit mode a unit's
-        # ``commit()`` is a no-op, so there is nothing to check.
-        return True
+    def in_transaction(self, raw: Any) -> bool | None:
+        # ODBC cannot tell without a round trip: unknown. (In autocommit mode, where
+        # units run, a unit's own ``commit()`` is a no-op anyway.)
+        return None
 
     def get_autocommit(self, raw: Any) -> bool:
         return bool(raw.autocommit)

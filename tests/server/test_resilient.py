@@ -538,3 +538,34 @@ def test_a_server_that_never_comes_back_gives_up_at_the_deadline(
     with pytest.raises(sf.RetriesExhausted):
         sf.connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
                    policy=policy)
+
+
+def test_run_refuses_to_start_inside_an_open_passthrough_transaction(
+    driver: str, cluster: LocalCluster
+) -> None:
+    with sf.connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
+                    policy=FAST) as rc:
+        assert rc.autocommit is False
+        rc.execute("INSERT INTO ledger VALUES ('passthrough', 1)")
+        with pytest.raises(RuntimeError, match="open passthrough transaction"):
+            rc.run(Unit("inside"))
+        rc.rollback()
+        assert rc.run(Unit("after")) == "done after"
+        # Units and passthrough transactions alternate freely once each is ended.
+        rc.execute("INSERT INTO ledger VALUES ('passthrough', 2)")
+        rc.commit()
+        assert rc.run(Unit("again")) == "done again"
+    assert ledger(cluster, "inside") == 0
+    assert ledger(cluster, "passthrough") == 1
+    assert ledger(cluster, "after") == ledger(cluster, "again") == 1
+
+
+def test_a_unit_that_commits_itself_is_reported(cluster: LocalCluster) -> None:
+    with sf.connect(cluster.conninfo(), policy=FAST) as rc:
+        def commits(raw: Any) -> None:
+            exe(raw, "INSERT INTO ledger VALUES ('self', 1)")
+            raw.commit()
+
+        with pytest.raises(RuntimeError, match="must not commit"):
+            rc.run(commits)
+        assert rc.run(Unit("next")) == "done next"
