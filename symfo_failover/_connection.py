@@ -18,7 +18,15 @@ import tenacity
 
 from . import _events as ev
 from ._classify import classify
-from ._decide import Phase, Resolution, Situation, Step, next_step, resolve
+from ._decide import (
+    CommitEvidence,
+    Phase,
+    Resolution,
+    Situation,
+    Step,
+    next_step,
+    resolve_commit,
+)
 from ._errors import (
     CommitOutcomeUnknown,
     RetriesExhausted,
@@ -28,7 +36,14 @@ from ._errors import (
 from ._kind import Failure, Kind
 from ._policy import DEFAULT_POLICY, RetryPolicy
 from ._probe import probe
-from ._target import Driver, SessionInfo, SessionState, Target, normalise_isolation
+from ._sqlstates import NO_SQLSTATE_AUTH
+from ._target import (
+    Driver,
+    SessionInfo,
+    SessionState,
+    Target,
+    normalise_isolation,
+)
 
 _T = TypeVar("_T")
 
@@ -389,19 +404,22 @@ class ResilientConnection:
         assert pending is not None
         driver = self._driver
         terminated = self._ended_old
+        info = self._info
+        restarted = (pending.session is None or info is None
+                     or pending.session.server_started != info.server_started)
         resolution = Resolution.UNKNOWN
-        status: str | None = None
+        evidence = CommitEvidence(None, restarted)
         for _ in range(2):
             try:
-                status = driver.xact_status(raw, pending.xid)
+                evidence = self._commit_evidence(raw, pending.xid, restarted)
             except driver.error as exc:
                 failure = classify(exc, connection=raw)
                 if failure.reconnect or driver.is_broken(raw):
                     self._drop_session()
                     call.failure = failure
                     raise _Again(failure, Phase.COMMIT) from exc
-                status = None  # e.g. "transaction ID is in the future": no answer
-            resolution = resolve(status)
+                # e.g. the role may not call pg_xact_status: no answer
+            resolution = resolve_commit(evidence)
             if resolution is not Resolution.END_OLD_SESSION or pending.session is None:
                 break
             # Still running on the old session (a network break, the server never saw
@@ -416,17 +434,26 @@ class ResilientConnection:
             Resolution.ABORTED: "replayed",
             Resolution.UNKNOWN: "raised",
         }[resolution]
-        self._emit(ev.CommitResolved, call, xid=pending.xid, status=status or "unknown",
+        status = evidence.status or "unknown"
+        self._emit(ev.CommitResolved, call, xid=pending.xid, status=status,
                    outcome=outcome, terminated_old_session=terminated)
         call.pending = None
         if resolution is Resolution.COMMITTED:
             return True, pending.result
         if resolution is Resolution.UNKNOWN:
-            reason = f"pg_xact_status({pending.xid}) gave no answer ({status!r})"
+            if evidence.status == "committed":
+                reason = (f"transaction {pending.xid} shows as committed, but the server "
+                          "restarted in between and may have handed the id out again, "
+                          "so that answer may be another transaction's")
+            else:
+                reason = f"pg_xact_status({pending.xid}) gave no answer ({evidence.status!r})"
             cls = flavoured(CommitOutcomeUnknown, driver.operational_error)
             raise cls(f"the outcome of COMMIT is unknown: {reason}",
                       failure=outcome_unknown_failure(reason), xid=pending.xid)
         return False, None
+
+    def _commit_evidence(self, raw: Any, xid: str, restarted: bool) -> CommitEvidence:
+        return CommitEvidence(self._driver.xact_status(raw, xid), restarted)
 
     # --- sessions --------------------------------------------------------------------
 
@@ -444,7 +471,13 @@ class ResilientConnection:
         except self._driver.error as exc:
             error: BaseException = exc
             failure = classify(exc)
-        if failure.retryable:
+        if self._server_started is not None and failure.rule == NO_SQLSTATE_AUTH.code:
+            # libpq's "failed after the server asked for a password" is also what a
+            # server shutting down mid-handshake gives; these settings worked before.
+            failure = replace(failure, kind=Kind.CONNECT_FAILED, retryable=True)
+        if failure.retryable and self._server_started is None:
+            # Only before the first session: later, the same settings just worked, and
+            # a cluster in the middle of a failover may accept and drop connections.
             failure = self._confirm_unavailable(failure)
             if not failure.retryable:
                 # The server answered the probe: one more immediate try, in case it
@@ -512,7 +545,11 @@ class ResilientConnection:
                 self._configure(raw)
                 if not self._state.autocommit and driver.in_transaction(raw) is not False:
                     raw.commit()
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, driver.error):
+                # Decide while the session can still be asked whether it died (a driver's
+                # catch-all code on a dead session is a lost connection).
+                _attach(exc, classify(exc, connection=raw))
             _quietly(driver.close, raw)
             raise
         if call is not None:

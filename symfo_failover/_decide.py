@@ -100,3 +100,35 @@ def resolve(status: str | None) -> Resolution:
     if status == "in progress":
         return Resolution.END_OLD_SESSION
     return Resolution.UNKNOWN
+
+
+@dataclass(frozen=True)
+class CommitEvidence:
+    """What the server said about a transaction whose COMMIT reply was lost.
+
+    ``restarted``: the server that answers is not the one the COMMIT was sent to (its
+    start time changed). Then the transaction id may have been **handed out again**:
+    ids that never reached the write-ahead log before a crash are reused by the server
+    that recovers (measured here: see docs/resilient.md), so ``committed`` may be
+    somebody else's commit. Every other answer stays sound: a transaction that
+    committed had its commit record, with its id, in the log, so its id was not reused
+    and its status reads ``committed``.
+    """
+
+    #: ``pg_xact_status``: committed, aborted, in progress; ``future`` when the server
+    #: said the id is in the future; None when it gave no answer.
+    status: str | None
+    restarted: bool
+
+
+def resolve_commit(evidence: CommitEvidence) -> Resolution:
+    """The outcome of the lost COMMIT, never guessed (DESIGN §3, plus id reuse)."""
+    status = evidence.status
+    if not evidence.restarted:
+        # One server throughout: ids are never reused, every answer is final.
+        return resolve(status)
+    if status in ("aborted", "in progress", "future"):
+        # The old session is gone with the old server; whatever holds the id now is
+        # not us, and had we committed the id could not have been reused.
+        return Resolution.ABORTED
+    return Resolution.UNKNOWN

@@ -161,7 +161,12 @@ class PsycopgDriver:
         raw.autocommit = value
 
     def xact_status(self, raw: Any, xid: str) -> str | None:
-        row = raw.execute(_t.XACT_STATUS_SQL.format(p="%s"), (xid,)).fetchone()
+        try:
+            row = raw.execute(_t.XACT_STATUS_SQL.format(p="%s"), (xid,)).fetchone()
+        except psycopg.Error as exc:
+            if sqlstate_of(exc) == _t.XID_IN_FUTURE and not is_broken(raw):
+                return "future"
+            raise
         return None if row is None or row[0] is None else str(row[0])
 
     def end_session(self, raw: Any, old: _t.SessionInfo) -> bool:

@@ -254,7 +254,12 @@ class PyodbcDriver:
         raw.autocommit = value
 
     def xact_status(self, raw: Any, xid: str) -> str | None:
-        row = raw.execute(_t.XACT_STATUS_SQL.format(p="?"), xid).fetchone()
+        try:
+            row = raw.execute(_t.XACT_STATUS_SQL.format(p="?"), xid).fetchone()
+        except pyodbc.Error as exc:
+            if sqlstate_of(exc) == _t.XID_IN_FUTURE and not is_broken(raw):
+                return "future"
+            raise
         return None if row is None or row[0] is None else str(row[0])
 
     def end_session(self, raw: Any, old: _t.SessionInfo) -> bool:

@@ -124,6 +124,9 @@ END_SESSION_SQL = (
 
 XACT_STATUS_SQL = "SELECT pg_xact_status({p}::xid8)"
 
+#: SQLSTATE of "transaction ID ... is in the future".
+XID_IN_FUTURE = "22023"
+
 
 def normalise_isolation(value: object) -> str | None:
     """``"serializable"``, ``"SERIALIZABLE"``, psycopg's ``IsolationLevel.SERIALIZABLE``."""

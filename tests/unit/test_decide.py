@@ -7,7 +7,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from symfo_failover import Failure, Kind, classify
-from symfo_failover._decide import Phase, Resolution, Situation, Step, next_step, resolve
+from symfo_failover._decide import (
+    CommitEvidence,
+    Phase,
+    Resolution,
+    Situation,
+    Step,
+    next_step,
+    resolve,
+    resolve_commit,
+)
 
 LIVE = True
 DEAD = False
@@ -106,3 +115,36 @@ def test_same_session_retries_only_on_a_usable_session(
     step = next_step(classify(code), Situation(phase, usable, True, False))
     if step is Step.RETRY:
         assert usable
+
+
+@pytest.mark.parametrize(
+    ("status", "restarted", "resolution"),
+    [
+        # One server throughout: its answer is final.
+        ("committed", False, Resolution.COMMITTED),
+        ("aborted", False, Resolution.ABORTED),
+        ("in progress", False, Resolution.END_OLD_SESSION),
+        (None, False, Resolution.UNKNOWN),
+        ("future", False, Resolution.UNKNOWN),
+        # A restart in between: an id that never reached the log can be reused, so
+        # "committed" may be another transaction's. Anything else means we did not commit.
+        ("committed", True, Resolution.UNKNOWN),
+        ("aborted", True, Resolution.ABORTED),
+        ("in progress", True, Resolution.ABORTED),
+        ("future", True, Resolution.ABORTED),
+        (None, True, Resolution.UNKNOWN),
+    ],
+)
+def test_resolve_commit(status: str | None, restarted: bool, resolution: Resolution) -> None:
+    assert resolve_commit(CommitEvidence(status, restarted)) is resolution
+
+
+@given(st.one_of(st.none(), st.text(max_size=12)), st.booleans())
+def test_resolve_commit_returns_a_result_only_on_a_committed_answer(
+    status: str | None, restarted: bool
+) -> None:
+    """Never guessed: only the server's "committed" (on the same server) returns."""
+    resolution = resolve_commit(CommitEvidence(status, restarted))
+    if resolution is Resolution.COMMITTED:
+        assert status == "committed"
+        assert not restarted
