@@ -175,7 +175,8 @@ class PsycopgDriver:
         return bool(row and row[0])
 
     def is_broken(self, raw: Any) -> bool:
-        return is_broken(raw)
+        # psycopg: a broken connection is always closed (its PGconn is BAD).
+        return bool(raw.closed)
 
     def close(self, raw: Any) -> None:
         raw.close()
