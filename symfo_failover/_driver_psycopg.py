@@ -14,7 +14,7 @@ import psycopg
 from psycopg import IsolationLevel
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg.pq import ConnStatus, TransactionStatus
+from psycopg.pq import ConnStatus, DiagnosticField, ExecStatus, TransactionStatus
 
 from . import _sqlstates as table
 from . import _target as _t
@@ -137,22 +137,24 @@ class PsycopgDriver:
         raw.read_only = state.read_only
 
     def begin(self, raw: Any, state: _t.SessionState) -> str | None:
+        # Straight through libpq: psycopg's cursor machinery costs more than the
+        # round trip on a fast network (DESIGN §5). PQexec returns the last result.
         want_xid = not state.read_only
-        cur = raw.execute(_t.begin_sql(state, want_xid))
-        if not want_xid:
-            return None
-        cur.nextset()
-        return str(cur.fetchone()[0])
+        pgconn = raw.pgconn
+        result = pgconn.exec_(_t.begin_sql_bytes(state, want_xid))
+        expected = ExecStatus.TUPLES_OK if want_xid else ExecStatus.COMMAND_OK
+        if result.status != expected:
+            raise _error(raw, result)
+        return result.get_value(0, 0).decode() if want_xid else None
 
     def commit(self, raw: Any) -> None:
-        raw.execute("COMMIT")
+        raw.commit()  # psycopg's own light path; in autocommit mode it sends COMMIT
 
     def rollback(self, raw: Any) -> None:
-        if raw.info.transaction_status != TransactionStatus.IDLE:
-            raw.execute("ROLLBACK")
+        raw.rollback()
 
     def in_transaction(self, raw: Any) -> bool:
-        return bool(raw.info.transaction_status != TransactionStatus.IDLE)
+        return bool(raw.pgconn.transaction_status != TransactionStatus.IDLE)
 
     def get_autocommit(self, raw: Any) -> bool:
         return bool(raw.autocommit)
@@ -189,6 +191,15 @@ class PsycopgDriver:
 
     def bad_input(self, message: str) -> BaseException:
         return psycopg.ProgrammingError(message)
+
+
+def _error(raw: Any, result: Any) -> psycopg.Error:
+    """The exception psycopg itself would raise for a failed ``result``."""
+    if result.error_field(DiagnosticField.SQLSTATE):
+        return pg_errors.error_from_result(result, encoding=raw.info.encoding)
+    # No SQLSTATE: libpq lost the connection (the guide's libpq NULL row).
+    text = (result.error_message or raw.pgconn.error_message or b"").decode(errors="replace")
+    return psycopg.OperationalError(text.strip() or "the connection was lost")
 
 
 def _endpoints(params: Mapping[str, Any]) -> tuple[_t.Endpoint, ...]:

@@ -7,6 +7,7 @@ adapter implements; the connection never touches a driver directly.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -95,13 +96,28 @@ class Driver(Protocol):
     def bad_input(self, message: str) -> BaseException: ...
 
 
+def begin_sql_bytes(state: SessionState, want_xid: bool) -> bytes:
+    """`begin_sql`, encoded (for libpq), made once per distinct state."""
+    return _begin_bytes(state.isolation_level, state.read_only, want_xid)
+
+
+@functools.lru_cache(maxsize=32)
+def _begin_bytes(isolation_level: str | None, read_only: bool | None, want_xid: bool) -> bytes:
+    return _begin_sql(isolation_level, read_only, want_xid).encode()
+
+
 def begin_sql(state: SessionState, want_xid: bool) -> str:
     """The one statement that opens a unit's transaction (and reads its id)."""
+    return _begin_sql(state.isolation_level, state.read_only, want_xid)
+
+
+@functools.lru_cache(maxsize=32)
+def _begin_sql(isolation_level: str | None, read_only: bool | None, want_xid: bool) -> str:
     options = []
-    if state.isolation_level:
-        options.append(f"ISOLATION LEVEL {state.isolation_level.upper()}")
-    if state.read_only is not None:
-        options.append("READ ONLY" if state.read_only else "READ WRITE")
+    if isolation_level:
+        options.append(f"ISOLATION LEVEL {isolation_level.upper()}")
+    if read_only is not None:
+        options.append("READ ONLY" if read_only else "READ WRITE")
     sql = "BEGIN " + ", ".join(options) if options else "BEGIN"
     if want_xid:
         # Assigning the id at BEGIN costs no round trip (it travels with BEGIN) and
