@@ -98,7 +98,7 @@ _DETECTION = {
 }
 
 
-class PsycopgDriver:
+class PsycopgDriver(_t.DriverBase):
     name = "psycopg"
     operational_error: type[BaseException] = psycopg.OperationalError
     error: type[BaseException] = psycopg.Error
@@ -126,10 +126,6 @@ class PsycopgDriver:
     def connect(self, target: _t.Target) -> Any:
         return psycopg.connect(**target.connect_args, autocommit=True)
 
-    def session_info(self, raw: Any) -> _t.SessionInfo:
-        row = raw.execute(_t.SESSION_INFO_SQL).fetchone()
-        return _t.SessionInfo(int(row[0]), str(row[1]), str(row[2]))
-
     def apply_state(self, raw: Any, state: _t.SessionState) -> None:
         raw.autocommit = state.autocommit
         level = state.isolation_level
@@ -156,32 +152,16 @@ class PsycopgDriver:
     def in_transaction(self, raw: Any) -> bool:
         return bool(raw.pgconn.transaction_status != TransactionStatus.IDLE)
 
-    def get_autocommit(self, raw: Any) -> bool:
-        return bool(raw.autocommit)
+    def query_one(self, raw: Any, sql: str, *params: Any) -> tuple[Any, ...] | None:
+        row = raw.execute(sql, params or None).fetchone()
+        return None if row is None else tuple(row)
 
-    def set_autocommit(self, raw: Any, value: bool) -> None:
-        raw.autocommit = value
-
-    def xact_status(self, raw: Any, xid: str) -> str | None:
-        try:
-            row = raw.execute(_t.XACT_STATUS_SQL.format(p="%s"), (xid,)).fetchone()
-        except psycopg.Error as exc:
-            if sqlstate_of(exc) == _t.XID_IN_FUTURE and not is_broken(raw):
-                return "future"
-            raise
-        return None if row is None or row[0] is None else str(row[0])
-
-    def end_session(self, raw: Any, old: _t.SessionInfo) -> bool:
-        sql = _t.END_SESSION_SQL.format(p="%s")
-        row = raw.execute(sql, (old.backend_pid, old.backend_start)).fetchone()
-        return bool(row and row[0])
+    def sqlstate(self, error: BaseException) -> str | None:
+        return sqlstate_of(error)
 
     def is_broken(self, raw: Any) -> bool:
         # psycopg: a broken connection is always closed (its PGconn is BAD).
         return bool(raw.closed)
-
-    def close(self, raw: Any) -> None:
-        raw.close()
 
     def execute(self, raw: Any, query: Any, params: Any, kwargs: Mapping[str, Any]) -> Any:
         return raw.execute(query, params, **kwargs)

@@ -155,7 +155,7 @@ def _pqopt(text: str) -> dict[str, str]:
     return opts
 
 
-class PyodbcDriver:
+class PyodbcDriver(_t.DriverBase):
     name = "pyodbc"
     operational_error: type[BaseException] = pyodbc.OperationalError
     error: type[BaseException] = pyodbc.Error
@@ -212,10 +212,6 @@ class PyodbcDriver:
         kwargs["autocommit"] = True
         return pyodbc.connect(target.connect_args["connstring"], **kwargs)
 
-    def session_info(self, raw: Any) -> _t.SessionInfo:
-        row = raw.execute(_t.SESSION_INFO_SQL).fetchone()
-        return _t.SessionInfo(int(row[0]), str(row[1]), str(row[2]))
-
     def apply_state(self, raw: Any, state: _t.SessionState) -> None:
         # psqlODBC keeps no isolation or access mode of its own: set them on the session.
         options = []
@@ -247,31 +243,15 @@ class PyodbcDriver:
         # units run, a unit's own ``commit()`` is a no-op anyway.)
         return None
 
-    def get_autocommit(self, raw: Any) -> bool:
-        return bool(raw.autocommit)
+    def query_one(self, raw: Any, sql: str, *params: Any) -> tuple[Any, ...] | None:
+        row = raw.execute(sql.replace("%s", "?"), *params).fetchone()
+        return None if row is None else tuple(row)
 
-    def set_autocommit(self, raw: Any, value: bool) -> None:
-        raw.autocommit = value
-
-    def xact_status(self, raw: Any, xid: str) -> str | None:
-        try:
-            row = raw.execute(_t.XACT_STATUS_SQL.format(p="?"), xid).fetchone()
-        except pyodbc.Error as exc:
-            if sqlstate_of(exc) == _t.XID_IN_FUTURE and not is_broken(raw):
-                return "future"
-            raise
-        return None if row is None or row[0] is None else str(row[0])
-
-    def end_session(self, raw: Any, old: _t.SessionInfo) -> bool:
-        sql = _t.END_SESSION_SQL.format(p="?")
-        row = raw.execute(sql, old.backend_pid, old.backend_start).fetchone()
-        return bool(row and row[0])
+    def sqlstate(self, error: BaseException) -> str | None:
+        return sqlstate_of(error)
 
     def is_broken(self, raw: Any) -> bool:
         return is_broken(raw)
-
-    def close(self, raw: Any) -> None:
-        raw.close()
 
     def execute(self, raw: Any, query: Any, params: Any, kwargs: Mapping[str, Any]) -> Any:
         if kwargs:

@@ -96,6 +96,48 @@ class Driver(Protocol):
     def bad_input(self, message: str) -> BaseException: ...
 
 
+class DriverBase:
+    """What both adapters do alike, over `query_one` (``%s`` placeholders)."""
+
+    error: type[BaseException]
+
+    def query_one(self, raw: Any, sql: str, *params: Any) -> tuple[Any, ...] | None:
+        raise NotImplementedError
+
+    def sqlstate(self, error: BaseException) -> str | None:
+        raise NotImplementedError
+
+    def is_broken(self, raw: Any) -> bool:
+        raise NotImplementedError
+
+    def session_info(self, raw: Any) -> SessionInfo:
+        row = self.query_one(raw, SESSION_INFO_SQL)
+        assert row is not None
+        return SessionInfo(int(row[0]), str(row[1]), str(row[2]))
+
+    def xact_status(self, raw: Any, xid: str) -> str | None:
+        try:
+            row = self.query_one(raw, XACT_STATUS_SQL, xid)
+        except self.error as exc:
+            if self.sqlstate(exc) == XID_IN_FUTURE and not self.is_broken(raw):
+                return "future"
+            raise
+        return None if row is None or row[0] is None else str(row[0])
+
+    def end_session(self, raw: Any, old: SessionInfo) -> bool:
+        row = self.query_one(raw, END_SESSION_SQL, old.backend_pid, old.backend_start)
+        return bool(row and row[0])
+
+    def get_autocommit(self, raw: Any) -> bool:
+        return bool(raw.autocommit)
+
+    def set_autocommit(self, raw: Any, value: bool) -> None:
+        raw.autocommit = value
+
+    def close(self, raw: Any) -> None:
+        raw.close()
+
+
 def begin_sql_bytes(state: SessionState, want_xid: bool) -> bytes:
     """`begin_sql`, encoded (for libpq), made once per distinct state."""
     return _begin_bytes(state.isolation_level, state.read_only, want_xid)
@@ -135,10 +177,10 @@ SESSION_INFO_SQL = (
 #: Ends an old session of ours, if it is still the same session (pid and start).
 END_SESSION_SQL = (
     "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
-    "WHERE pid = {p} AND backend_start = {p}::timestamptz"
+    "WHERE pid = %s AND backend_start = %s::timestamptz"
 )
 
-XACT_STATUS_SQL = "SELECT pg_xact_status({p}::xid8)"
+XACT_STATUS_SQL = "SELECT pg_xact_status(%s::xid8)"
 
 #: SQLSTATE of "transaction ID ... is in the future".
 XID_IN_FUTURE = "22023"
