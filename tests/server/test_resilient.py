@@ -569,3 +569,45 @@ def test_a_unit_that_commits_itself_is_reported(cluster: LocalCluster) -> None:
         with pytest.raises(RuntimeError, match="must not commit"):
             rc.run(commits)
         assert rc.run(Unit("next")) == "done next"
+
+
+@pytest.mark.japanese
+def test_a_japanese_speaking_cluster_changes_nothing(driver: str, ja_locale: str) -> None:
+    """No decision reads message text: the same faults against a server that answers in
+    Japanese give the same outcomes."""
+    rec = Recorder()
+    with LocalCluster(lc_messages=ja_locale) as cl:
+        cl.start()
+        with psycopg.connect(cl.conninfo(), autocommit=True) as conn:
+            conn.execute("CREATE TABLE ledger (id text, amount int)")
+            conn.execute("CREATE TABLE counter (n int)")
+            conn.execute("INSERT INTO counter VALUES (0)")
+            assert conn.execute("SHOW lc_messages").fetchone() == (ja_locale,)
+        with FaultProxy(cl.host, cl.port) as px, sf.connect(
+            conninfo(driver, cl, px.host, px.port), driver=driver, policy=FAST, on_event=rec
+        ) as rc:
+            px.arm_commit_drop()
+            assert rc.run(Unit("drop")) == "done drop"
+            px.arm_commit_hold()
+            assert rc.run(Unit("hold")) == "done hold"
+            px.release_held()
+            for scenario in ("switchover", "crash"):
+                unit = Unit(scenario)
+
+                def faulty(raw: Any, unit: Unit = unit, scenario: str = scenario) -> str:
+                    if unit.runs == 0:
+                        exe(raw, "SELECT 1")
+                        getattr(cl, scenario)()
+                        if scenario == "crash":
+                            threading.Timer(0.2, cl.start).start()
+                    return unit(raw)
+
+                assert rc.run(faulty) == f"done {scenario}"
+            with pytest.raises(psycopg.Error if driver == "psycopg" else pyodbc.Error) as raised:
+                rc.execute("SELECT 1/0")
+            assert raised.value.failure.sqlstate == "22012"  # type: ignore[attr-defined]
+        for entry in ("drop", "hold", "switchover", "crash"):
+            assert ledger(cl, entry) == 1
+    statuses = [e.status for e in rec.of(sf.CommitResolved)]
+    assert statuses == ["committed", "aborted"]
+    assert sum(e.failover for e in rec.of(sf.Reconnected)) == 2
