@@ -6,7 +6,7 @@ The public API is listed in ``__all__``; every other module is private.
 
 from ._classify import classify, sqlstate_of
 from ._connection import ResilientConnection, connect
-from ._errors import CommitOutcomeUnknown, FailoverError, RetriesExhausted
+from ._errors import CommitOutcomeUnknown, FailoverError, RetriesExhausted, UnitContractError
 from ._events import (
     CommitResolved,
     Event,
@@ -37,6 +37,7 @@ __all__ = [
     "RetriesExhausted",
     "RetryPolicy",
     "SessionInfo",
+    "UnitContractError",
     "UnitReplayed",
     "__version__",
     "classify",

@@ -18,6 +18,7 @@ import tenacity
 
 from . import _events as ev
 from ._classify import classify
+from ._contract import UnitGuard, refuse_awaitable_result, refuse_coroutine_function
 from ._decide import (
     CommitEvidence,
     Phase,
@@ -30,6 +31,7 @@ from ._decide import (
 from ._errors import (
     CommitOutcomeUnknown,
     RetriesExhausted,
+    UnitContractError,
     flavoured,
     outcome_unknown_failure,
 )
@@ -58,6 +60,21 @@ class _Again(Exception):
         super().__init__(str(failure))
         self.failure = failure
         self.phase = phase
+
+
+@dataclass
+class _SessionLostUnderUnit(Exception):
+    """Internal: the unit returned, but its session had died under it."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+    def as_driver_error(self, driver: Driver) -> Exception:
+        error: Exception = driver.operational_error(  # type: ignore[assignment]
+            "the session was lost during the unit of work (the unit caught the error)")
+        _attach(error, self.failure)
+        return error
 
 
 @dataclass
@@ -115,6 +132,9 @@ class ResilientConnection:
         self._server_started: str | None = None
         self._closed = False
         self._lock = threading.RLock()
+        #: The guard of the unit running now (None outside units).
+        self._guard: UnitGuard | None = None
+        self._contract_error = flavoured(UnitContractError, driver.programming_error)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("connected" if self._raw is not None else "idle")
@@ -130,9 +150,15 @@ class ResilientConnection:
         (on a new session when needed) within the policy; an interrupted COMMIT is
         resolved with the server, so a unit that committed is never run again.
         Raises `CommitOutcomeUnknown` when the server cannot tell, `RetriesExhausted`
-        when the policy runs out, and the driver's own exception for anything else.
+        when the policy runs out, `UnitContractError` when ``fn`` breaks the contract
+        (it ends the transaction, nests ``run()``, swallows a database error), and the
+        driver's own exception for anything else. A coroutine function is refused with
+        ``TypeError`` before anything runs.
         """
+        refuse_coroutine_function(fn)
         with self._lock:
+            if self._guard is not None:
+                raise self._guard.refuse("nested-run", "run() was called again")
             self._check_open()
             call = _Call(self._policy.clock())
             return self._retrying(call, lambda: self._run_attempt(call, fn, args, kwargs))
@@ -175,6 +201,8 @@ class ResilientConnection:
         with self._lock:
             raw = self._raw
             driver = self._driver
+            if self._guard is not None:
+                raise self._in_unit("execute()")
             if (raw is None or self._closed or driver.is_broken(raw)
                     or driver.get_autocommit(raw) != self._state.autocommit):
                 return self._passthrough(
@@ -194,6 +222,8 @@ class ResilientConnection:
     def rollback(self) -> None:
         """Roll back. On a lost session there is nothing to roll back: the server did."""
         with self._lock:
+            if self._guard is not None:
+                raise self._in_unit("rollback()")
             self._check_open()
             raw = self._raw
             if raw is None or self._driver.is_broken(raw):
@@ -204,6 +234,8 @@ class ResilientConnection:
     def close(self) -> None:
         """Close the session. Idempotent."""
         with self._lock:
+            if self._guard is not None:
+                raise self._in_unit("close()")
             self._closed = True
             raw, self._raw, self._info = self._raw, None, None
             if raw is not None:
@@ -259,6 +291,8 @@ class ResilientConnection:
 
     def _set_state(self, **changes: Any) -> None:
         with self._lock:
+            if self._guard is not None:
+                raise self._in_unit(f"{', '.join(changes)} was set")
             self._check_open()
             new = replace(self._state, **changes)
             raw = self._raw
@@ -319,9 +353,11 @@ class ResilientConnection:
         if not self._driver.get_autocommit(raw):
             known = self._driver.in_transaction(raw)
             if known or (known is None and self._maybe_in_transaction):
-                raise RuntimeError(
+                raise self._contract_error(
                     "run() was called inside an open passthrough transaction: commit or "
-                    "roll it back first (a unit of work is its own transaction)"
+                    "roll it back first (a unit of work is its own transaction); nothing "
+                    "ran (rule 'open-transaction')",
+                    rule="open-transaction",
                 )
             # The unit's BEGIN and COMMIT are ours; passthrough calls switch it back.
             self._driver.set_autocommit(raw, True)
@@ -346,17 +382,30 @@ class ResilientConnection:
         phase = Phase.UNIT
         xid: str | None = None
         result: Any = _NOTHING
+        guard = UnitGuard(self._contract_error)
         try:
             xid = driver.begin(raw, self._state)
-            result = fn(raw, *args, **kwargs)
-            if driver.in_transaction(raw) is False:
-                raise RuntimeError(
-                    "the unit of work ended its transaction itself; run() begins and "
-                    "commits, the function must not commit or roll back"
-                )
+            lent = driver.lend(raw, guard)
+            self._guard = guard
+            try:
+                result = fn(lent, *args, **kwargs)
+            finally:
+                self._guard = None
+                guard.active = False
+                driver.reclaim(raw, guard)
+            refuse_awaitable_result(result, fn)
+            if guard.violation is None:
+                self._check_unit_left(raw, guard)
+            if guard.violation is not None:
+                raise guard.violation
             phase = Phase.COMMIT
             driver.commit(raw)
         except Exception as exc:
+            if guard.violation is None and phase is Phase.UNIT and driver.closed_by_client(raw):
+                # Closed behind the guard's back: a bug in the unit, not a lost session.
+                guard.refuse("closed-connection", "the connection was closed")
+            if guard.violation is not None:
+                self._contract_broken(raw, guard.violation, exc)
             returned = self._unit_failed(call, raw, exc, phase, xid, result)
             return returned  # type: ignore[no-any-return]
         except BaseException:
@@ -365,11 +414,43 @@ class ResilientConnection:
             raise
         return result  # type: ignore[no-any-return]
 
+    def _check_unit_left(self, raw: Any, guard: UnitGuard) -> None:
+        """What the unit left behind, from the driver's local state (no round trip)."""
+        driver = self._driver
+        if driver.closed_by_client(raw):
+            guard.refuse("closed-connection", "the connection was closed")
+            return
+        if driver.is_broken(raw):
+            # The session died under the unit, which caught the error and returned.
+            # Nothing was committed: as after any lost session, run it again.
+            failure = classify(None, connection=raw)
+            raise _SessionLostUnderUnit(failure)
+        state = driver.transaction_state(raw)
+        if state == "failed":
+            said = driver.last_error_text(raw)
+            guard.refuse("swallowed-error", "the transaction had failed when the unit "
+                         "returned" + (f" (the server said: {said})" if said else ""))
+        elif state == "ended":
+            guard.refuse("ended-transaction", "no transaction was open when the unit "
+                         "returned (a COMMIT or ROLLBACK statement the library could "
+                         "not see ended it; what was written before it may be committed)")
+
+    def _contract_broken(self, raw: Any, violation: UnitContractError, exc: Exception) -> None:
+        """Roll back what the unit wrote and raise the rule it broke. Never retried."""
+        driver = self._driver
+        if driver.is_broken(raw) or driver.closed_by_client(raw) or not self._rollback_quietly(raw):
+            self._drop_session()
+        if exc is violation:
+            raise violation
+        raise violation from exc
+
     def _unit_failed(
         self, call: _Call, raw: Any, exc: Exception, phase: Phase, xid: str | None, result: Any
     ) -> Any:
         driver = self._driver
-        if not isinstance(exc, driver.error):
+        if isinstance(exc, _SessionLostUnderUnit):
+            exc = exc.as_driver_error(driver)
+        elif not isinstance(exc, driver.error):
             # Not the database's: the application's own error. Roll back, raise it.
             self._rollback_quietly(raw)
             raise exc
@@ -603,6 +684,8 @@ class ResilientConnection:
         """``op(raw)`` on the current session. ``opens``: it may open a transaction
         (statements, cursors); commit and rollback end it."""
         with self._lock:
+            if self._guard is not None:
+                raise self._in_unit("a passthrough call")
             self._check_open()
             raw = self._raw
             if raw is None or self._driver.is_broken(raw):
@@ -634,6 +717,10 @@ class ResilientConnection:
             return self._session(call)
 
         return self._retrying(call, attempt)
+
+    def _in_unit(self, what: str) -> UnitContractError:
+        assert self._guard is not None
+        return self._guard.refuse("connection-in-unit", f"{what} on the ResilientConnection")
 
     def _check_open(self) -> None:
         if self._closed:

@@ -5,9 +5,10 @@ Imported only when psycopg is installed; `classify` loads it lazily.
 
 from __future__ import annotations
 
+import functools
 import getpass
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import psycopg
@@ -18,6 +19,7 @@ from psycopg.pq import ConnStatus, DiagnosticField, ExecStatus, TransactionStatu
 
 from . import _sqlstates as table
 from . import _target as _t
+from ._contract import UnitGuard
 
 
 def owns(error: object) -> bool:
@@ -98,9 +100,80 @@ _DETECTION = {
 }
 
 
+class GuardedConnection(psycopg.Connection[Any]):
+    """A psycopg connection that refuses, while a unit of work runs on it, every call
+    that would end the unit's transaction (the way psycopg itself refuses ``commit()``
+    inside ``Connection.transaction()``). Outside a unit it is a plain connection.
+
+    The library calls ``psycopg.Connection``'s own methods for its BEGIN and COMMIT.
+    """
+
+    _symfo_guard: UnitGuard | None = None
+
+    def commit(self) -> None:
+        if self._symfo_guard is not None:
+            raise self._symfo_guard.refuse("ended-transaction", "commit() was called")
+        super().commit()
+
+    def rollback(self) -> None:
+        if self._symfo_guard is not None:
+            raise self._symfo_guard.refuse("ended-transaction", "rollback() was called")
+        super().rollback()
+
+    def close(self) -> None:
+        if self._symfo_guard is not None:
+            raise self._symfo_guard.refuse("closed-connection", "close() was called")
+        super().close()
+
+    def set_autocommit(self, value: bool) -> None:
+        # The ``autocommit`` property's setter comes here too.
+        if self._symfo_guard is not None:
+            raise self._symfo_guard.refuse("ended-transaction", "autocommit was set")
+        super().set_autocommit(value)
+
+    def tpc_begin(self, xid: Any) -> None:
+        if self._symfo_guard is not None:
+            raise self._symfo_guard.refuse("ended-transaction", "tpc_begin() was called")
+        super().tpc_begin(xid)
+
+    def tpc_prepare(self) -> None:
+        if self._symfo_guard is not None:
+            raise self._symfo_guard.refuse("ended-transaction", "tpc_prepare() was called")
+        super().tpc_prepare()
+
+
+class _StatementGuard:
+    """Mixed into the unit's cursor class while a unit runs: statements that end the
+    transaction are refused before they are sent."""
+
+    connection: Any
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        _check(self.connection, query)
+        return super().execute(query, params, **kwargs)  # type: ignore[misc]
+
+    def executemany(self, query: Any, params_seq: Iterable[Any], **kwargs: Any) -> Any:
+        _check(self.connection, query)
+        return super().executemany(query, params_seq, **kwargs)  # type: ignore[misc]
+
+
+def _check(conn: Any, query: Any) -> None:
+    guard = getattr(conn, "_symfo_guard", None)
+    if guard is not None:
+        if not isinstance(query, (str, bytes)) and hasattr(query, "as_string"):
+            query = query.as_string(conn)  # psycopg.sql composition
+        guard.check_statement(query)
+
+
+@functools.lru_cache(maxsize=16)
+def _guarded_cursor(cls: type[Any]) -> type[Any]:
+    return type(f"Guarded{cls.__name__}", (_StatementGuard, cls), {})
+
+
 class PsycopgDriver(_t.DriverBase):
     name = "psycopg"
     operational_error: type[BaseException] = psycopg.OperationalError
+    programming_error: type[BaseException] = psycopg.ProgrammingError
     error: type[BaseException] = psycopg.Error
 
     def target(self, conninfo: str, kwargs: Mapping[str, Any]) -> _t.Target:
@@ -124,7 +197,7 @@ class PsycopgDriver(_t.DriverBase):
         )
 
     def connect(self, target: _t.Target) -> Any:
-        return psycopg.connect(**target.connect_args, autocommit=True)
+        return GuardedConnection.connect(**target.connect_args, autocommit=True)
 
     def apply_state(self, raw: Any, state: _t.SessionState) -> None:
         raw.autocommit = state.autocommit
@@ -144,13 +217,47 @@ class PsycopgDriver(_t.DriverBase):
         return result.get_value(0, 0).decode() if want_xid else None
 
     def commit(self, raw: Any) -> None:
-        raw.commit()  # psycopg's own light path; in autocommit mode it sends COMMIT
+        # psycopg's own light path (in autocommit mode it sends COMMIT), past the guard.
+        psycopg.Connection.commit(raw)
 
     def rollback(self, raw: Any) -> None:
-        raw.rollback()
+        psycopg.Connection.rollback(raw)
+
+    def close(self, raw: Any) -> None:
+        psycopg.Connection.close(raw)
 
     def in_transaction(self, raw: Any) -> bool:
         return bool(raw.pgconn.transaction_status != TransactionStatus.IDLE)
+
+    def lend(self, raw: Any, guard: UnitGuard) -> Any:
+        raw._symfo_guard = guard
+        factory = raw.cursor_factory
+        raw.cursor_factory = _guarded_cursor(factory)
+        raw._symfo_cursor_factory = factory
+        return raw
+
+    def reclaim(self, raw: Any, guard: UnitGuard) -> None:
+        raw._symfo_guard = None
+        factory = getattr(raw, "_symfo_cursor_factory", None)
+        if factory is not None:
+            raw.cursor_factory = factory
+
+    def transaction_state(self, raw: Any) -> str | None:
+        status = raw.pgconn.transaction_status
+        if status == TransactionStatus.INTRANS:
+            return "open"
+        if status == TransactionStatus.INERROR:
+            return "failed"
+        if status == TransactionStatus.IDLE:
+            return "ended"
+        return None
+
+    def closed_by_client(self, raw: Any) -> bool:
+        return bool(raw.closed and not raw.broken)
+
+    def last_error_text(self, raw: Any) -> str:
+        text: bytes = raw.pgconn.error_message or b""
+        return text.decode(errors="replace").strip().splitlines()[0][:300] if text else ""
 
     def query_one(self, raw: Any, sql: str, *params: Any) -> tuple[Any, ...] | None:
         row = raw.execute(sql, params or None).fetchone()

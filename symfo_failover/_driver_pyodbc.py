@@ -18,6 +18,7 @@ import pyodbc
 
 from . import _sqlstates as table
 from . import _target as _t
+from ._contract import UnitGuard
 
 _SQLSTATE = re.compile(r"[0-9A-Z]{5}")
 _SQL_ATTR_CONNECTION_DEAD = 1209
@@ -155,9 +156,130 @@ def _pqopt(text: str) -> dict[str, str]:
     return opts
 
 
+# --- what a unit of work is given -------------------------------------------------------
+# pyodbc's Connection and Cursor are C types that cannot be subclassed, so a unit gets
+# thin stand-ins that refuse every call that would end its transaction and pass
+# everything else to pyodbc.
+
+
+class LentConnection:
+    """The pyodbc connection as a unit of work sees it (``run(fn)`` calls ``fn(lent)``).
+
+    Behaves like the ``pyodbc.Connection`` it wraps (``raw``), except that ``commit()``,
+    ``rollback()``, ``close()``, setting ``autocommit`` and statements that end the
+    transaction are refused while the unit runs, and everything is refused after it.
+    """
+
+    __slots__ = ("_guard", "raw")
+
+    def __init__(self, raw: Any, guard: UnitGuard) -> None:
+        object.__setattr__(self, "raw", raw)
+        object.__setattr__(self, "_guard", guard)
+
+    def _live(self) -> Any:
+        if not self._guard.active:
+            raise self._guard.refuse("used-after-unit", "the unit's connection was used")
+        return self.raw
+
+    def cursor(self) -> LentCursor:
+        return LentCursor(self._live().cursor(), self)
+
+    def execute(self, sql: str, *params: Any) -> LentCursor:
+        raw = self._live()
+        self._guard.check_statement(sql)
+        return LentCursor(raw.execute(sql, *params), self)
+
+    def commit(self) -> None:
+        raise self._guard.refuse("ended-transaction", "commit() was called")
+
+    def rollback(self) -> None:
+        raise self._guard.refuse("ended-transaction", "rollback() was called")
+
+    def close(self) -> None:
+        raise self._guard.refuse("closed-connection", "close() was called")
+
+    @property
+    def autocommit(self) -> bool:
+        return bool(self._live().autocommit)
+
+    def __enter__(self) -> LentConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # pyodbc commits here unless in autocommit mode; the unit's transaction is run()'s.
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._live(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "autocommit":
+            raise self._guard.refuse("ended-transaction", "autocommit was set")
+        setattr(self._live(), name, value)
+
+    def __repr__(self) -> str:
+        state = "in a unit of work" if self._guard.active else "unit ended"
+        return f"<symfo_failover lent {self.raw!r} ({state})>"
+
+
+class LentCursor:
+    """A ``pyodbc.Cursor`` of a `LentConnection`: the same guard, results readable after."""
+
+    __slots__ = ("_cursor", "connection")
+
+    def __init__(self, cursor: Any, connection: LentConnection) -> None:
+        object.__setattr__(self, "_cursor", cursor)
+        object.__setattr__(self, "connection", connection)
+
+    def execute(self, sql: str, *params: Any) -> LentCursor:
+        guard = self.connection._guard
+        guard.check_statement(sql)
+        self._cursor.execute(sql, *params)
+        return self
+
+    def executemany(self, sql: str, params: Any) -> None:
+        guard = self.connection._guard
+        guard.check_statement(sql)
+        self._cursor.executemany(sql, params)
+
+    def commit(self) -> None:
+        raise self.connection._guard.refuse("ended-transaction", "cursor.commit() was called")
+
+    def rollback(self) -> None:
+        raise self.connection._guard.refuse("ended-transaction",
+                                            "cursor.rollback() was called")
+
+    def __iter__(self) -> LentCursor:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._cursor)
+
+    def __enter__(self) -> LentCursor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._cursor.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._cursor, name, value)
+
+    def __repr__(self) -> str:
+        return f"<symfo_failover lent {self._cursor!r}>"
+
+
+#: psqlODBC's rollback on error: 0 nothing, 1 the whole transaction, 2 the statement.
+_ROLLBACK_LEVEL_KEYS = ("protocol", "a1")
+_STATEMENT_ROLLBACK = "7.4-2"
+
+
 class PyodbcDriver(_t.DriverBase):
     name = "pyodbc"
     operational_error: type[BaseException] = pyodbc.OperationalError
+    programming_error: type[BaseException] = pyodbc.ProgrammingError
     error: type[BaseException] = pyodbc.Error
 
     def target(self, conninfo: str, kwargs: Mapping[str, Any]) -> _t.Target:
@@ -168,6 +290,7 @@ class PyodbcDriver(_t.DriverBase):
         except ValueError as exc:
             raise self.bad_input(f"invalid ODBC connection string: {exc}") from None
         keys = {k.lower(): i for i, (k, _) in enumerate(pairs)}
+        self._check_rollback_level(pairs, keys)
         for lower, (key, value) in _ODBC_DETECTION.items():
             if lower not in keys:
                 pairs.append((key, value))
@@ -207,6 +330,33 @@ class PyodbcDriver(_t.DriverBase):
             description=f"pyodbc {shown}",
         )
 
+    def _check_rollback_level(
+        self, pairs: list[tuple[str, str]], keys: dict[str, int]
+    ) -> None:
+        """Statement-level rollback, whatever a DSN says (the connection string wins).
+
+        With level 1 psqlODBC rolls the whole transaction back on an error and what
+        the unit writes next commits on its own; with level 0 a failed transaction's
+        COMMIT silently rolls back. Level 2 (psqlODBC's default) undoes only the
+        statement that failed, and the transaction goes on.
+        """
+        for key in _ROLLBACK_LEVEL_KEYS:
+            if key in keys:
+                value = pairs[keys[key]][1]
+                level = value.rpartition("-")[2] if "-" in value else ""
+                if level in ("0", "1"):
+                    raise self.bad_input(
+                        f"{pairs[keys[key]][0]}={value} asks psqlODBC to roll back "
+                        f"{'nothing' if level == '0' else 'the whole transaction'} on an "
+                        "error, which would let a unit of work commit partially or "
+                        f"report a rolled-back COMMIT as success; use Protocol="
+                        f"{_STATEMENT_ROLLBACK} (statement-level, psqlODBC's default) or "
+                        "leave it out"
+                    )
+                return
+        pairs.append(("Protocol", _STATEMENT_ROLLBACK))
+        keys["protocol"] = len(pairs) - 1
+
     def connect(self, target: _t.Target) -> Any:
         kwargs = dict(target.connect_args["kwargs"])
         kwargs["autocommit"] = True
@@ -239,9 +389,25 @@ class PyodbcDriver(_t.DriverBase):
         raw.execute("ROLLBACK")
 
     def in_transaction(self, raw: Any) -> bool | None:
-        # ODBC cannot tell without a round trip: unknown. (In autocommit mode, where
-        # units run, a unit's own ``commit()`` is a no-op anyway.)
+        # ODBC cannot tell without a round trip: unknown.
         return None
+
+    def lend(self, raw: Any, guard: UnitGuard) -> Any:
+        return LentConnection(raw, guard)
+
+    def reclaim(self, raw: Any, guard: UnitGuard) -> None:
+        return None
+
+    def transaction_state(self, raw: Any) -> str | None:
+        # Unknown locally. With statement-level rollback a failed statement never
+        # fails the transaction, and the statements that end it are refused.
+        return None
+
+    def closed_by_client(self, raw: Any) -> bool:
+        return bool(getattr(raw, "closed", False))
+
+    def last_error_text(self, raw: Any) -> str:
+        return ""
 
     def query_one(self, raw: Any, sql: str, *params: Any) -> tuple[Any, ...] | None:
         row = raw.execute(sql.replace("%s", "?"), *params).fetchone()

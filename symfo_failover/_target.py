@@ -10,7 +10,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ._contract import UnitGuard
 
 #: Detection defaults (DESIGN §5: a partitioned session is declared lost within 15 s).
 #: An idle session whose server vanished: keepalive probes after 5 s idle, every 2 s,
@@ -72,8 +75,10 @@ class SessionState:
 
 class Driver(Protocol):
     name: str
-    #: The driver's OperationalError, the second base of the library's errors.
+    #: The driver's OperationalError, the second base of the library's failover errors.
     operational_error: type[BaseException]
+    #: The driver's ProgrammingError, the second base of `UnitContractError`.
+    programming_error: type[BaseException]
     #: The driver's exception base class.
     error: type[BaseException]
 
@@ -85,6 +90,15 @@ class Driver(Protocol):
     def commit(self, raw: Any) -> None: ...
     def rollback(self, raw: Any) -> None: ...
     def in_transaction(self, raw: Any) -> bool | None: ...
+    #: What the unit is given (``raw`` itself, or a stand-in), guarded while it runs.
+    def lend(self, raw: Any, guard: UnitGuard) -> Any: ...
+    def reclaim(self, raw: Any, guard: UnitGuard) -> None: ...
+    #: ``open``, ``failed`` (an error failed it), ``ended``, or None (cannot tell locally).
+    def transaction_state(self, raw: Any) -> str | None: ...
+    #: The application closed the session (not the server, not the network).
+    def closed_by_client(self, raw: Any) -> bool: ...
+    #: The driver's text of the last error on the session, if it keeps one.
+    def last_error_text(self, raw: Any) -> str: ...
     def get_autocommit(self, raw: Any) -> bool: ...
     def set_autocommit(self, raw: Any, value: bool) -> None: ...
     def xact_status(self, raw: Any, xid: str) -> str | None: ...

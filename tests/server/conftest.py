@@ -64,3 +64,18 @@ def symfo_cluster(request: pytest.FixtureRequest) -> Iterator[BaseCluster]:
     with make_cluster(backend) as cluster:
         cluster.start()
         yield cluster
+
+
+@pytest.fixture(autouse=True)
+def _hooks_did_not_fail() -> Iterator[None]:
+    """Fail a test whose event-hook actions raised (the library swallows them)."""
+    try:
+        from resilient_helpers import Recorder
+    except ImportError:  # pragma: no cover - the helpers live beside this file
+        yield
+        return
+    start = len(Recorder.made)
+    yield
+    failures = [f for rec in Recorder.made[start:] for f in rec.failures]
+    del Recorder.made[start:]
+    assert not failures, "an event hook's action failed:\n" + "\n".join(failures)

@@ -1,0 +1,420 @@
+"""The unit-of-work contract against a real server, with psycopg and with pyodbc.
+
+The invariant: run() returns if and only if everything the unit wrote committed, once.
+A unit that breaks the contract gets a UnitContractError naming the rule, has nothing
+committed, and is not run again. Each test asserts the rows in the table, how often the
+unit ran, and what was raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pyodbc
+import pytest
+from resilient_helpers import Recorder, exe
+
+import symfo_failover as sf
+from symfo_failover.harness import FaultProxy, LocalCluster, LocalServer
+
+pytestmark = pytest.mark.server
+
+FAST = sf.RetryPolicy(deadline=10)
+
+
+@pytest.fixture(params=["psycopg", pytest.param("pyodbc", marks=pytest.mark.odbc)])
+def driver(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+class Table:
+    """A table of its own on the shared server; ``rows()`` reads it on another session."""
+
+    def __init__(self, server: LocalServer) -> None:
+        self.server = server
+        self.name = f"t_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(server.conninfo(), autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE {self.name} (id text PRIMARY KEY)")
+
+    def rows(self) -> list[str]:
+        with psycopg.connect(self.server.conninfo(), autocommit=True) as conn:
+            return [r[0] for r in conn.execute(f"SELECT id FROM {self.name} ORDER BY id")]
+
+    def insert(self, raw: Any, value: str) -> None:
+        exe(raw, f"INSERT INTO {self.name} VALUES (%s)", value)
+
+
+@pytest.fixture
+def table(server: LocalServer) -> Table:
+    return Table(server)
+
+
+@pytest.fixture
+def rc(driver: str, server: LocalServer) -> Iterator[sf.ResilientConnection]:
+    info = server.conninfo() if driver == "psycopg" else server.odbc_connection_string()
+    with sf.connect(info, driver=driver, policy=FAST) as conn:
+        yield conn
+
+
+class Counted:
+    """Wraps a unit and counts its runs."""
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        self.fn, self.runs = fn, 0
+
+    def __call__(self, raw: Any) -> Any:
+        self.runs += 1
+        return self.fn(raw)
+
+
+def broken(rc: sf.ResilientConnection, fn: Callable[[Any], Any], rule: str) -> Counted:
+    """Run ``fn`` and check that it broke ``rule``: raised, once, with the driver's type."""
+    unit = Counted(fn)
+    with pytest.raises(sf.UnitContractError) as raised:
+        rc.run(unit)
+    err = raised.value
+    assert err.rule == rule, str(err)
+    assert unit.runs == 1, "a broken contract is not run again"
+    driver_error = psycopg.ProgrammingError if rc.driver == "psycopg" else pyodbc.ProgrammingError
+    assert isinstance(err, driver_error)
+    assert not sf.classify(err).retryable
+    assert type(err).__module__ == "symfo_failover"
+    # The connection goes on working after a broken unit.
+    assert rc.run(lambda raw: exe(raw, "SELECT 41 + 1").fetchone()[0]) == 42
+    return unit
+
+
+# --- 1. nesting ---------------------------------------------------------------------------
+
+
+def test_a_nested_run_is_refused_and_the_outer_work_is_not_committed(
+    rc: sf.ResilientConnection, table: Table
+) -> None:
+    inner = Counted(lambda raw: table.insert(raw, "B"))
+
+    def outer(raw: Any) -> None:
+        table.insert(raw, "A")
+        rc.run(inner)
+
+    broken(rc, outer, "nested-run")
+    assert inner.runs == 0, "refused before it did anything"
+    assert table.rows() == []
+
+
+def test_a_nested_run_whose_refusal_is_swallowed_still_commits_nothing(
+    rc: sf.ResilientConnection, table: Table
+) -> None:
+    def outer(raw: Any) -> str:
+        table.insert(raw, "A")
+        with contextlib.suppress(sf.UnitContractError):
+            rc.run(lambda r: table.insert(r, "B"))
+        table.insert(raw, "C")
+        return "ok"
+
+    broken(rc, outer, "nested-run")
+    assert table.rows() == []
+
+
+# --- 2. ending the transaction inside a unit ----------------------------------------------
+
+
+def _ends_then_writes(table: Table, end: Callable[[Any], None]) -> Callable[[Any], str]:
+    def unit(raw: Any) -> str:
+        table.insert(raw, "A")
+        with contextlib.suppress(psycopg.Error, pyodbc.Error):
+            end(raw)  # the unit swallows the refusal and writes on
+        table.insert(raw, "B")
+        return "ok"
+
+    return unit
+
+
+@pytest.mark.parametrize("end", [
+    pytest.param(lambda raw: raw.commit(), id="commit"),
+    pytest.param(lambda raw: raw.rollback(), id="rollback"),
+    pytest.param(lambda raw: setattr(raw, "autocommit", True), id="autocommit-on"),
+    pytest.param(lambda raw: setattr(raw, "autocommit", False), id="autocommit-off"),
+    pytest.param(lambda raw: exe(raw, "COMMIT"), id="COMMIT"),
+    pytest.param(lambda raw: exe(raw, "rollback work"), id="ROLLBACK"),
+    pytest.param(lambda raw: exe(raw, "END"), id="END"),
+    pytest.param(lambda raw: exe(raw, "SELECT 1; /* then */ COMMIT"), id="COMMIT-in-a-batch"),
+    pytest.param(lambda raw: raw.cursor().execute("COMMIT"), id="cursor-COMMIT"),
+])
+def test_ending_the_transaction_inside_a_unit_is_refused_at_the_call(
+    rc: sf.ResilientConnection, table: Table, end: Callable[[Any], None]
+) -> None:
+    broken(rc, _ends_then_writes(table, end), "ended-transaction")
+    assert table.rows() == [], "nothing the unit wrote is committed"
+
+
+def test_a_cursor_commit_is_refused_too(rc: sf.ResilientConnection, table: Table) -> None:
+    def unit(raw: Any) -> None:
+        cur = raw.cursor()
+        cur.execute(f"INSERT INTO {table.name} VALUES ('A')")
+        if rc.driver == "pyodbc":
+            cur.commit()  # pyodbc's Cursor.commit() ends the connection's transaction
+        else:
+            cur.connection.commit()
+
+    broken(rc, unit, "ended-transaction")
+    assert table.rows() == []
+
+
+def test_with_connection_inside_a_unit_is_refused(
+    rc: sf.ResilientConnection, table: Table
+) -> None:
+    """psycopg's ``with conn:`` commits and closes at its end."""
+    if rc.driver != "psycopg":
+        pytest.skip("pyodbc's `with conn:` commits only outside autocommit mode: a no-op here")
+
+    def unit(raw: Any) -> None:
+        with raw:
+            table.insert(raw, "A")
+
+    broken(rc, unit, "ended-transaction")
+    assert table.rows() == []
+
+
+def test_a_unit_that_closes_its_connection_is_not_taken_for_a_failover(
+    driver: str, server: LocalServer, table: Table
+) -> None:
+    rec = Recorder()
+    info = server.conninfo() if driver == "psycopg" else server.odbc_connection_string()
+    with sf.connect(info, driver=driver, policy=FAST, on_event=rec) as rc:
+        unit = broken(rc, _ends_then_writes(table, lambda raw: raw.close()), "closed-connection")
+    assert unit.runs == 1, "no retry storm"
+    assert not rec.of(sf.FailureDetected), "a close is not a failover"
+    assert not rec.of(sf.ReconnectAttempt)
+    assert table.rows() == []
+
+
+def test_a_close_that_gets_past_the_guard_is_still_not_a_failover(
+    rc: sf.ResilientConnection, table: Table
+) -> None:
+    def unit(raw: Any) -> None:
+        table.insert(raw, "A")
+        if isinstance(raw, psycopg.Connection):
+            psycopg.Connection.close(raw)  # the base class's method, around the guard
+        else:
+            raw.raw.close()
+        table.insert(raw, "B")
+
+    broken(rc, unit, "closed-connection")
+    assert table.rows() == []
+
+
+def test_savepoints_inside_a_unit_keep_working(rc: sf.ResilientConnection, table: Table) -> None:
+    def unit(raw: Any) -> str:
+        table.insert(raw, "A")
+        exe(raw, "SAVEPOINT s1")
+        table.insert(raw, "gone")
+        exe(raw, "ROLLBACK TO SAVEPOINT s1")
+        exe(raw, "RELEASE SAVEPOINT s1")
+        # Not transaction control: CASE ... END, a PL/pgSQL block, quoted words.
+        exe(raw, "SELECT CASE WHEN true THEN 'commit;' END")
+        exe(raw, "DO $$ BEGIN PERFORM 1; END $$")
+        if isinstance(raw, psycopg.Connection):
+            try:
+                with raw.transaction():  # psycopg's nested transaction: a savepoint
+                    table.insert(raw, "A")  # a duplicate, rolled back to the savepoint
+            except psycopg.errors.UniqueViolation:
+                pass
+            with raw.transaction():
+                table.insert(raw, "B")
+        else:
+            table.insert(raw, "B")
+        return "ok"
+
+    unit_ = Counted(unit)
+    assert rc.run(unit_) == "ok"
+    assert unit_.runs == 1
+    assert table.rows() == ["A", "B"]
+
+
+def test_the_connection_itself_may_not_be_used_inside_its_unit(
+    rc: sf.ResilientConnection, table: Table
+) -> None:
+    def unit(raw: Any) -> None:
+        table.insert(raw, "A")
+        rc.execute(f"INSERT INTO {table.name} VALUES ('B')")
+
+    broken(rc, unit, "connection-in-unit")
+
+    def sets_state(raw: Any) -> None:
+        table.insert(raw, "A")
+        rc.autocommit = True
+
+    broken(rc, sets_state, "connection-in-unit")
+    assert rc.autocommit is False
+    assert table.rows() == []
+
+
+@pytest.mark.odbc
+def test_the_lent_odbc_connection_is_refused_after_its_unit(server: LocalServer) -> None:
+    with sf.connect(server.odbc_connection_string(), driver="pyodbc", policy=FAST) as rc:
+        kept: list[Any] = []
+
+        def unit(raw: Any) -> Any:
+            kept.append(raw)
+            return raw.execute("SELECT 1, 2")
+
+        cursor = rc.run(unit)
+        assert tuple(cursor.fetchone()) == (1, 2), "results stay readable"
+        with pytest.raises(sf.UnitContractError) as raised:
+            kept[0].execute("SELECT 1")
+        assert raised.value.rule == "used-after-unit"
+        with pytest.raises(sf.UnitContractError):
+            cursor.execute("SELECT 1")
+
+
+# --- 3. a swallowed database error --------------------------------------------------------
+
+
+def test_a_swallowed_error_is_never_a_false_success(
+    rc: sf.ResilientConnection, table: Table
+) -> None:
+    """psycopg: the transaction failed, its COMMIT would be a ROLLBACK: raise, say why.
+    pyodbc: psqlODBC's statement-level rollback undoes only the failed statement and
+    the transaction goes on, so what the unit wrote commits and run() says so."""
+    def unit(raw: Any) -> str:
+        table.insert(raw, "A")
+        with contextlib.suppress(psycopg.errors.UniqueViolation, pyodbc.IntegrityError):
+            table.insert(raw, "A")  # a unique violation, caught by the unit
+        return "ok"
+
+    if rc.driver == "psycopg":
+        counted = broken(rc, unit, "swallowed-error")
+        assert counted.runs == 1
+        assert table.rows() == []
+    else:
+        counted = Counted(unit)
+        assert rc.run(counted) == "ok"
+        assert counted.runs == 1
+        assert table.rows() == ["A"]
+
+
+def test_psycopg_names_the_error_that_was_swallowed(server: LocalServer, table: Table) -> None:
+    with sf.connect(server.conninfo(), policy=FAST) as rc:
+        def unit(raw: Any) -> None:
+            with contextlib.suppress(psycopg.errors.DivisionByZero):
+                raw.execute("SELECT 1/0")
+
+        with pytest.raises(sf.UnitContractError, match="division by zero") as raised:
+            rc.run(unit)
+    assert raised.value.rule == "swallowed-error"
+    assert "nothing the unit wrote is committed" in str(raised.value)
+
+
+@pytest.mark.odbc
+@pytest.mark.parametrize("level", ["7.4-0", "7.4-1"])
+def test_psqlodbc_rollback_levels_that_break_the_contract_are_refused(
+    server: LocalServer, level: str
+) -> None:
+    with pytest.raises(pyodbc.ProgrammingError, match="statement-level"):
+        sf.connect(server.odbc_connection_string(Protocol=level), driver="pyodbc")
+    with sf.connect(server.odbc_connection_string(Protocol="7.4-2"), driver="pyodbc") as rc:
+        assert rc.run(lambda raw: raw.execute("SELECT 1").fetchone()[0]) == 1
+
+
+# --- 5. coroutine functions ---------------------------------------------------------------
+
+
+def test_a_coroutine_function_is_refused_before_anything_runs(
+    rc: sf.ResilientConnection, table: Table
+) -> None:
+    async def unit(raw: Any) -> None:  # pragma: no cover - never called
+        table.insert(raw, "A")
+
+    class AsyncCallable:
+        async def __call__(self, raw: Any) -> None:  # pragma: no cover - never called
+            table.insert(raw, "A")
+
+    for fn in (unit, AsyncCallable()):
+        with pytest.raises(TypeError, match="coroutine function"):
+            rc.run(fn)
+    assert table.rows() == []
+    assert rc.session is not None  # the session was not touched
+
+
+def test_a_unit_that_returns_a_coroutine_is_refused_and_rolled_back(
+    rc: sf.ResilientConnection, table: Table
+) -> None:
+    async def later() -> None:  # pragma: no cover - never awaited; closed by run()
+        pass
+
+    def unit(raw: Any) -> Any:
+        table.insert(raw, "A")
+        return later()
+
+    counted = Counted(unit)
+    # filterwarnings=error: a coroutine left un-awaited would fail the test at collection.
+    with pytest.raises(TypeError, match="awaitable"):
+        rc.run(counted)
+    assert counted.runs == 1
+    assert table.rows() == []
+
+
+# --- 6. every public error pickles --------------------------------------------------------
+
+
+def _round_trip(err: BaseException, driver: str) -> None:
+    copy = pickle.loads(pickle.dumps(err))
+    assert type(copy) is type(err)
+    assert type(copy).__module__ == "symfo_failover"
+    assert str(copy) == str(err)
+    for attr in ("failure", "attempts", "elapsed", "target", "xid", "rule"):
+        assert getattr(copy, attr, None) == getattr(err, attr, None), attr
+    base = psycopg.Error if driver == "psycopg" else pyodbc.Error
+    assert isinstance(copy, base)
+    # A fresh interpreter (another process: multiprocessing, Celery) reads it too.
+    shown = subprocess.run(
+        [sys.executable, "-c",
+         "import pickle, sys; e = pickle.loads(sys.stdin.buffer.read()); "
+         "print(type(e).__module__, type(e).__name__, type(e).__mro__[1].__name__, "
+         "getattr(e, 'rule', None) or getattr(e, 'attempts', None) or e.xid)"],
+        input=pickle.dumps(err), capture_output=True, check=True,
+    ).stdout.decode().split()
+    assert shown[:3] == ["symfo_failover", type(err).__name__, type(err).__mro__[1].__name__]
+    assert shown[3] == str(getattr(err, "rule", None) or getattr(err, "attempts", None)
+                           or getattr(err, "xid", None))
+
+
+def test_every_public_error_raised_for_real_pickles(driver: str) -> None:
+    raised: list[BaseException] = []
+    with LocalCluster() as cluster:
+        cluster.start()
+        with psycopg.connect(cluster.conninfo(), autocommit=True) as conn:
+            conn.execute("CREATE TABLE ledger (id text)")
+            conn.execute("CREATE ROLE app LOGIN")
+            conn.execute("GRANT ALL ON ledger TO app")
+            conn.execute("REVOKE EXECUTE ON FUNCTION pg_xact_status(xid8) FROM PUBLIC")
+        with FaultProxy(cluster.host, cluster.port) as proxy:
+            user = {"user": "app"} if driver == "psycopg" else {"Uid": "app"}
+            info = (cluster.conninfo(host=proxy.host, port=str(proxy.port), **user)
+                    if driver == "psycopg" else
+                    cluster.odbc_connection_string(Server=proxy.host, Port=str(proxy.port),
+                                                   **user))
+            with sf.connect(info, driver=driver, policy=FAST) as rc:
+                with pytest.raises(sf.UnitContractError) as contract:
+                    rc.run(lambda raw: rc.run(lambda inner: None))
+                raised.append(contract.value)
+                proxy.arm_commit_drop()
+                with pytest.raises(sf.CommitOutcomeUnknown) as unknown:
+                    rc.run(lambda raw: exe(raw, "INSERT INTO ledger VALUES ('x')"))
+                raised.append(unknown.value)
+                cluster.stop_both()
+                rc_policy = sf.RetryPolicy(deadline=0.5)
+                with pytest.raises(sf.RetriesExhausted) as exhausted:
+                    sf.connect(info, driver=driver, policy=rc_policy)
+                raised.append(exhausted.value)
+    assert [type(e).__name__ for e in raised] == [
+        "UnitContractError", "CommitOutcomeUnknown", "RetriesExhausted"]
+    for err in raised:
+        _round_trip(err, driver)
