@@ -8,18 +8,30 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from ._classify import classify
+from ._classify import _SQLSTATE, classify
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
     if args.table:
-        from ._table_doc import render_markdown
+        from ._table_doc import render_table
 
-        print(render_markdown())
+        print(render_table())
         return 0
     if not args.codes:
         print("symfo-failover classify: give one or more SQLSTATE codes, or --table",
               file=sys.stderr)
+        return 2
+    # One argument that is not a SQLSTATE refuses the whole call: a typo must not pass
+    # as "an unknown code, not retryable". Upper case only, as servers and drivers
+    # report them (so that `hello` is refused, not read as HELLO); `57p01` gets a hint.
+    bad = [code for code in args.codes if not _SQLSTATE.fullmatch(code)]
+    for code in bad:
+        hint = ""
+        if _SQLSTATE.fullmatch(code.upper()) and any(c.isdigit() for c in code):
+            hint = f"; did you mean {code.upper()}?"
+        print(f"symfo-failover classify: {code!r} is not a SQLSTATE (five characters, each "
+              f"a digit or an upper-case letter, e.g. 57P01){hint}", file=sys.stderr)
+    if bad:
         return 2
     results = [(code, classify(code)) for code in args.codes]
     if args.json:
@@ -73,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("classify", help="print the classification of SQLSTATE codes")
-    p.add_argument("codes", nargs="*", metavar="CODE", help="SQLSTATE codes, e.g. 57P01 08S01")
+    p.add_argument("codes", nargs="*", metavar="CODE",
+                   help="SQLSTATE codes: five digits or upper-case letters, e.g. 57P01 08S01")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--table", action="store_true", help="print the whole table (Markdown)")
     p.add_argument("-v", "--verbose", action="store_true", help="explain each code")

@@ -1,14 +1,27 @@
 """Structured events: frozen dataclasses given to an ``on_event`` hook and logged.
 
-Each event is also one structlog line on the ``symfo_failover`` logger, so a
-deployment sees failovers in its logs without writing a hook. Events never hold a
-password or a whole connection string: ``target`` is a redacted description.
+Each event is also one log line on the ``symfo_failover`` logger, so a deployment
+sees failovers in its logs without writing a hook (``docs/logging.md``):
+
+- by default through the standard library's ``logging.getLogger("symfo_failover")``,
+  which has a ``NullHandler`` as a library's logger should: nothing is printed until
+  the application configures logging. The message reads ``name key=value ...``; the
+  fields are also on the record (``record.symfo_event``, ``record.symfo_fields`` and
+  one attribute per field);
+- once the application has configured structlog, natively through
+  ``structlog.get_logger("symfo_failover")``, into the application's pipeline.
+
+Events never hold a password or a whole connection string: ``target`` is a redacted
+description, and the driver's message in ``FailureDetected.error`` is scrubbed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import json
+import logging
+import re
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -53,6 +66,18 @@ class FailureDetected(Event):
     failure: Failure
     phase: str
     attempt: int
+    #: The driver's own message: its first line, at most 300 characters, passwords
+    #: scrubbed. Empty when not known; then it is left out of the log line.
+    error: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "error", driver_message(self.error))
+
+    def fields(self) -> dict[str, Any]:
+        out = super().fields()
+        if not out["error"]:
+            del out["error"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -122,15 +147,111 @@ class GaveUp(Event):
 
 EventHook = Callable[[Event], None]
 
-_log = structlog.get_logger("symfo_failover")
+LOGGER_NAME = "symfo_failover"
+ERROR_LIMIT = 300
+
+# Passwords a driver might echo back from a connection string: key=value, quoted or
+# not (libpq), Key={value} (ODBC) and user:password@ in a URI.
+_SECRET = re.compile(
+    r"""(?ix)
+    \b(password|passwd|pwd)(\s*=\s*)
+      ('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|\{(?:[^}]|\}\})*\}|[^\s;]+)
+    | (://[^/\s:@]*:)[^/\s@]*(@)
+    """
+)
 
 
-def emit(event: Event, hook: EventHook | None) -> None:
-    """Log ``event`` and hand it to ``hook``. A failing hook is logged, never raised."""
-    getattr(_log, event.level)(event.name, **event.fields())
+def driver_message(text: str) -> str:
+    """``text`` made fit for a log line: the first line, stripped, at most
+    ``ERROR_LIMIT`` characters, with anything that looks like a password replaced."""
+    lines = str(text or "").strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    return _SECRET.sub(_redact, first)[:ERROR_LIMIT]
+
+
+def _redact(match: re.Match[str]) -> str:
+    if match.group(1) is not None:
+        return f"{match.group(1)}{match.group(2)}***"
+    return f"{match.group(4)}***{match.group(5)}"
+
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO,
+           "warning": logging.WARNING, "error": logging.ERROR}
+# Attributes a LogRecord has already: `extra` may not overwrite them.
+_RECORD_ATTRIBUTES = frozenset(
+    logging.LogRecord("", 0, "", 0, "", (), None).__dict__
+) | {"message", "asctime"}
+_PLAIN = re.compile(r'[^\s"=\\]+')
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, str):
+        return value if _PLAIN.fullmatch(value) else json.dumps(value, ensure_ascii=False)
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return str(value)
+
+
+def render_message(name: str, fields: dict[str, Any]) -> str:
+    """``name key=value ...``: what happened first, then where (``elapsed``, ``target``).
+
+    ``rule`` is left out when it is the SQLSTATE itself; the record keeps every field.
+    """
+    shown = {k: v for k, v in fields.items() if k not in ("target", "elapsed")}
+    if shown.get("rule") == shown.get("sqlstate"):
+        shown.pop("rule", None)
+    for key in ("elapsed", "target"):
+        if key in fields:
+            shown[key] = fields[key]
+    return " ".join([name, *(f"{k}={_value(v)}" for k, v in shown.items())])
+
+
+def _to_stdlib(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> tuple[tuple[str], dict[str, Any]]:
+    """The last processor of the stdlib path: a plain message, the fields as extras."""
+    name = str(event_dict.pop("event"))
+    fields = dict(event_dict)
+    extra = {k: v for k, v in fields.items() if k not in _RECORD_ATTRIBUTES}
+    extra.update(symfo_event=name, symfo_fields=fields)
+    return (render_message(name, fields),), {"extra": extra}
+
+
+_stdlib_logger = logging.getLogger(LOGGER_NAME)
+_stdlib_logger.addHandler(logging.NullHandler())  # silent until the application says
+_stdlib = structlog.wrap_logger(
+    _stdlib_logger,
+    processors=[_to_stdlib],
+    wrapper_class=structlog.stdlib.BoundLogger,
+    context_class=dict,
+    cache_logger_on_first_use=True,
+)
+_native = structlog.get_logger(LOGGER_NAME)
+
+
+def _log(level: str, name: str, fields: Callable[[], dict[str, Any]]) -> None:
+    if structlog.is_configured():  # the application's own structlog pipeline
+        getattr(_native, level)(name, **fields())
+    elif _stdlib_logger.isEnabledFor(_LEVELS[level]):  # before any formatting work
+        getattr(_stdlib, level)(name, **fields())
+
+
+def log(level: str, name: str, **fields: Any) -> None:
+    """Log one line that is not an event (no hook sees it) the way events are logged."""
+    _log(level, name, fields.copy)
+
+
+def emit(event: Event, hook: EventHook | None, *, level: str | None = None) -> None:
+    """Log ``event`` and hand it to ``hook``. A failing hook is logged, never raised.
+
+    ``level`` overrides the event's own log level (the library logs the repeats of one
+    call's retries at DEBUG, so that waiting for a server is one warning, not hundreds).
+    """
+    _log(level or event.level, event.name, event.fields)
     if hook is None:
         return
     try:
         hook(event)
     except Exception as exc:  # an observer must not change what the application sees
-        _log.error("event_hook_failed", hook_event=event.name, error=type(exc).__name__)
+        failed = {"hook_event": event.name, "error": type(exc).__name__}
+        _log("error", "event_hook_failed", failed.copy)

@@ -22,15 +22,13 @@ def _rows(rules: tuple[table.Rule, ...]) -> list[str]:
     return lines
 
 
-def render_markdown() -> str:
-    """The whole generated block, markers included."""
+def render_table() -> str:
+    """The whole table in Markdown, one section per kind of row (what the CLI prints)."""
     head = [
         "| code | condition | kind | retryable | new session | source | why |",
         "|---|---|---|---|---|---|---|",
     ]
     parts = [
-        BEGIN,
-        "",
         "### Exact codes",
         "",
         *head,
@@ -55,10 +53,17 @@ def render_markdown() -> str:
         "",
         *head,
         *_rows((table.DEFAULT,)),
-        "",
-        END,
     ]
     return "\n".join(parts)
+
+
+def render_markdown() -> str:
+    """The generated block of docs/classification.md: the table between its markers.
+
+    The markers are for ``tools/gen_classification_doc.py`` to find the block again;
+    they belong in the document only, not in what the CLI prints.
+    """
+    return "\n".join([BEGIN, "", render_table(), "", END])
 
 
 def replace_block(document: str) -> str:

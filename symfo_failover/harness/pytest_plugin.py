@@ -11,6 +11,15 @@ Installed with the package and loaded by pytest automatically (entry point
   started, healed at the end (skipped where a kernel partition cannot be made).
 
 Each is function-scoped and leaves nothing behind, also when the test fails.
+
+What each needs: the fixtures themselves use no database driver (the servers are
+processes, the proxy and the partition are pure Python and iptables), but a test that
+connects to them needs one: ``pip install 'symfo-failover[psycopg]'`` for psycopg, or
+``[odbc]`` for pyodbc and psqlODBC. The container backend needs
+``pip install 'symfo-failover[containers]'`` and a Docker engine; without them
+``symfo_cluster`` skips, naming what is missing. The local backend needs the PostgreSQL
+server binaries (``SYMFO_PG_BINDIR``, ``pg_config``, ``PATH`` or
+``/usr/lib/postgresql/*/bin``).
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ def make_cluster(backend: str = "local", **options: object) -> BaseCluster:
     if backend == "container":
         from ._containers import ContainerCluster, container_available
 
+        _require_containers_extra()
         ok, why = container_available()
         if not ok:
             pytest.skip(f"container backend unavailable: {why}")
@@ -66,9 +76,27 @@ def make_cluster(backend: str = "local", **options: object) -> BaseCluster:
     raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
 
 
+def _require_containers_extra() -> None:
+    """Skip, naming the extra, when the container backend's packages are missing."""
+    try:
+        import testcontainers.core.container  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(
+            "the container backend needs the 'containers' extra: "
+            f"pip install 'symfo-failover[containers]' ({exc})"
+        )
+
+
 @pytest.fixture
 def symfo_cluster(request: pytest.FixtureRequest) -> Iterator[BaseCluster]:
-    """A two-node active/standby cluster, started on node-a."""
+    """A two-node active/standby cluster, started on node-a.
+
+    Connect with ``symfo_cluster.conninfo()`` (psycopg: needs
+    ``pip install 'symfo-failover[psycopg]'``) or ``symfo_cluster.odbc_connection_string()``
+    (pyodbc: ``pip install 'symfo-failover[odbc]'`` and psqlODBC). With
+    ``--symfo-backend=container`` it needs ``pip install 'symfo-failover[containers]'``
+    and a Docker engine, and skips, saying which is missing, without them.
+    """
     with make_cluster(_backend(request.config)) as cluster:
         cluster.start()
         yield cluster
@@ -76,7 +104,12 @@ def symfo_cluster(request: pytest.FixtureRequest) -> Iterator[BaseCluster]:
 
 @pytest.fixture
 def symfo_server() -> Iterator[LocalServer]:
-    """A single throwaway PostgreSQL server, started."""
+    """A single throwaway PostgreSQL server, started (always a local process).
+
+    Connect with ``symfo_server.conninfo()`` (psycopg: needs
+    ``pip install 'symfo-failover[psycopg]'``) or ``odbc_connection_string()``
+    (``pip install 'symfo-failover[odbc]'``).
+    """
     with LocalServer() as server:
         server.start()
         yield server
@@ -86,7 +119,9 @@ def symfo_server() -> Iterator[LocalServer]:
 def symfo_proxy(symfo_cluster: BaseCluster) -> Iterator[FaultProxy]:
     """A fault proxy in front of the cluster's access point.
 
-    Connect through it with ``symfo_cluster.conninfo(host=proxy.host, port=str(proxy.port))``.
+    Connect through it with ``symfo_cluster.conninfo(host=proxy.host, port=str(proxy.port))``
+    (psycopg: needs ``pip install 'symfo-failover[psycopg]'``; or ``[odbc]``). The proxy
+    itself is pure Python; what ``symfo_cluster`` needs, it needs too.
     """
     from ._proxy import FaultProxy
 
@@ -96,7 +131,12 @@ def symfo_proxy(symfo_cluster: BaseCluster) -> Iterator[FaultProxy]:
 
 @pytest.fixture
 def symfo_partition(symfo_cluster: BaseCluster) -> Iterator[Partition]:
-    """A kernel partition of the cluster's access point; call ``.start()`` to cut."""
+    """A kernel partition of the cluster's access point; call ``.start()`` to cut.
+
+    Needs root and ``iptables`` (no extra); skips, saying why, without them. A test
+    that connects across it needs a driver: ``pip install 'symfo-failover[psycopg]'``
+    (or ``[odbc]``).
+    """
     ok, why = partition_available()
     if not ok:
         pytest.skip(why)

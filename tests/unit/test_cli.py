@@ -8,7 +8,7 @@ import pytest
 
 from symfo_failover import __version__
 from symfo_failover._cli import main
-from symfo_failover._table_doc import render_markdown
+from symfo_failover._table_doc import BEGIN, END, render_markdown
 
 
 def test_classify_prints_one_line_per_code(capsys: pytest.CaptureFixture[str]) -> None:
@@ -30,18 +30,59 @@ def test_classify_verbose_explains(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_classify_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["classify", "--json", "57p03", "bogus!"]) == 0
+    assert main(["classify", "--json", "57P03", "ZZ999"]) == 0
     records = json.loads(capsys.readouterr().out)
+    assert records[0]["input"] == "57P03"
     assert records[0]["sqlstate"] == "57P03"
     assert records[0]["kind"] == "CONNECT_FAILED"
+    assert records[1]["sqlstate"] == "ZZ999"  # well formed but in no row: the default
     assert records[1]["kind"] == "NOT_RETRYABLE"
     assert records[1]["retryable"] is False
-    assert records[1]["sqlstate"] is None
+    assert records[1]["rule"] == "*"
 
 
-def test_classify_table_is_the_generated_doc_table(capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_unknown_but_well_formed_sqlstate_is_classified(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["classify", "ZZ999"]) == 0
+    assert capsys.readouterr().out.split()[:2] == ["ZZ999", "NOT_RETRYABLE"]
+
+
+@pytest.mark.parametrize("flags", [[], ["--json"], ["-v"]])
+def test_arguments_that_are_not_sqlstates_refuse_the_whole_call(
+    flags: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["classify", *flags, "5", "57P01", "57P011", "hello", "bogus!", "57P0 "]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # not even the valid one: a typo must be fixed, not half-answered
+    lines = err.splitlines()
+    assert [line.split("'")[1] for line in lines] == ["5", "57P011", "hello", "bogus!", "57P0 "]
+    assert all("is not a SQLSTATE" in line for line in lines)
+
+
+def test_lower_case_is_refused_with_a_hint(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["classify", "57p01", "hello"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    first, second = err.splitlines()
+    assert "'57p01' is not a SQLSTATE" in first
+    assert first.endswith("did you mean 57P01?")
+    assert "did you mean" not in second  # no hint that HELLO is a code
+
+
+def test_classify_table_is_the_doc_table_without_its_markers(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     assert main(["classify", "--table"]) == 0
-    assert capsys.readouterr().out.strip() == render_markdown().strip()
+    out = capsys.readouterr().out
+    assert "<!--" not in out
+    assert "GENERATED" not in out
+    assert out.startswith("### Exact codes\n")
+    assert "| `57P01` | admin_shutdown | CONNECTION_LOST | yes | yes |" in out
+    # The same table as the generated block of docs/classification.md, minus the markers.
+    assert out.strip() in render_markdown()
+    assert render_markdown().startswith(BEGIN)
+    assert render_markdown().rstrip().endswith(END)
 
 
 def test_classify_without_codes_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
