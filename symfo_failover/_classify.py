@@ -39,7 +39,7 @@ def _classify(error: object, connection: Any) -> Failure:
         text = ""
     else:
         raw = sqlstate_of(error)
-        text = _driver_text(error)
+        text = driver_text(error)
 
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         rule = _rule_without_sqlstate(error, connection)
@@ -105,7 +105,7 @@ def _adapter(name: str) -> Any:
     return import_module(f"symfo_failover.{name}")
 
 
-def _driver_text(error: object) -> str:
+def driver_text(error: object) -> str:
     args = getattr(error, "args", ())
     if isinstance(args, tuple) and len(args) >= 2 and isinstance(args[1], str):
         text = args[1].strip().splitlines()  # pyodbc style: (sqlstate, message)

@@ -17,14 +17,17 @@ from typing import Any, TypeVar
 import tenacity
 
 from . import _events as ev
-from ._classify import classify
+from ._classify import classify, driver_text
 from ._contract import UnitGuard, refuse_awaitable_result, refuse_coroutine_function
 from ._decide import (
     CommitEvidence,
+    LoginVerdict,
     Phase,
+    ProbeAnswer,
     Resolution,
     Situation,
     Step,
+    first_connect_failure,
     next_step,
     resolve_commit,
 )
@@ -458,7 +461,7 @@ class ResilientConnection:
         usable = not driver.is_broken(raw)
         call.failure = failure
         self._emit(ev.FailureDetected, call, failure=failure, phase=phase.value,
-                   attempt=call.attempts)
+                   attempt=call.attempts, error=driver_text(exc))
         step = next_step(
             failure,
             Situation(phase, usable, call.fresh_session, call.state_lost_retried),
@@ -558,7 +561,8 @@ class ResilientConnection:
         if raw is not None:
             self._drop_session()
         if self._server_started is not None:
-            self._emit(ev.ReconnectAttempt, call, attempt=call.attempts)
+            self._emit(ev.ReconnectAttempt, call, level=self._repeat_level(call),
+                       attempt=call.attempts)
         try:
             return self._open(call)
         except self._driver.error as exc:
@@ -568,57 +572,64 @@ class ResilientConnection:
             # libpq's "failed after the server asked for a password" is also what a
             # server shutting down mid-handshake gives; these settings worked before.
             failure = replace(failure, kind=Kind.CONNECT_FAILED, retryable=True)
-        if failure.retryable and self._server_started is None:
+        if self._server_started is None:
             # Only before the first session: later, the same settings just worked, and
             # a cluster in the middle of a failover may accept and drop connections.
-            failure = self._confirm_unavailable(failure)
-            if not failure.retryable:
+            verdict = self._ask_servers(failure, error)
+            failure = verdict.failure
+            if verdict.try_again_now:
                 # The server answered the probe: one more immediate try, in case it
                 # came up between the failed connect and the probe.
                 try:
                     return self._open(call)
                 except self._driver.error as again:
                     error = again
-                    failure = self._confirm_unavailable(classify(again))
+                    failure = self._ask_servers(classify(again), again).failure
+            elif verdict.nobody_answers and call.attempts == 1:
+                self._say_waiting(failure)
         call.failure = failure
-        self._emit(ev.FailureDetected, call, failure=failure, phase=Phase.CONNECT.value,
-                   attempt=call.attempts)
+        self._emit(ev.FailureDetected, call, level=self._repeat_level(call),
+                   failure=failure, phase=Phase.CONNECT.value, attempt=call.attempts,
+                   error=driver_text(error))
         if not failure.retryable:
             _attach(error, failure)
             raise error
         raise _Again(failure, Phase.CONNECT) from error
 
-    def _confirm_unavailable(self, failure: Failure) -> Failure:
-        """A failed connect is only worth retrying if the server is really unavailable.
+    def _ask_servers(self, failure: Failure, error: BaseException) -> LoginVerdict:
+        """A failed first connect, decided from what the servers themselves answer.
 
         Drivers say "could not connect" alike for a server that is down and for a wrong
         password or database (psqlODBC: 08001 for both; psycopg: no SQLSTATE). A
-        startup packet tells them apart in any server language: a server that asks for
-        a password, or refuses with a non-retryable SQLSTATE, is up.
+        startup packet (authenticated where libpq would send the password too) gets
+        the server's own SQLSTATE, in any server language.
         """
-        if failure.kind is not Kind.CONNECT_FAILED or not self._target.endpoints:
-            return failure
-        for endpoint in self._target.endpoints:
-            answer = probe(endpoint.host, endpoint.port, user=self._target.user or "postgres",
-                           database=self._target.database or "postgres",
-                           timeout=_PROBE_TIMEOUT)
-            up = answer.state == "accepting" or (
-                answer.state == "error" and not classify(answer.sqlstate).retryable
-            )
-            if up:
-                said = f" ({answer.sqlstate})" if answer.sqlstate else ""
-                return replace(
-                    failure,
-                    kind=Kind.NOT_RETRYABLE,
-                    retryable=False,
-                    rule="connect failed, server up",
-                    message=(
-                        f"the server at {endpoint.host}:{endpoint.port} is up{said} but "
-                        "refused this connection: check the user, password, database and "
-                        f"options. {failure.message}"
-                    ),
-                )
-        return failure
+        if failure.kind is not Kind.CONNECT_FAILED and failure.rule != NO_SQLSTATE_AUTH.code:
+            return LoginVerdict(failure)
+        target = self._target
+        answers = []
+        for endpoint in target.endpoints:
+            got = probe(endpoint.host, endpoint.port, user=target.user or "postgres",
+                        database=target.database or "postgres", timeout=_PROBE_TIMEOUT,
+                        password=target.password, sslmode=target.sslmode)
+            answers.append(ProbeAnswer(f"{endpoint.host}:{endpoint.port}", got.state,
+                                       got.sqlstate, got.authenticated))
+            if got.state not in ("refused", "timeout", "unreachable"):
+                break
+        return first_connect_failure(failure, answers, driver_text=driver_text(error))
+
+    def _say_waiting(self, failure: Failure) -> None:
+        """One warning, at once, for a first connect that will wait (a typo looks like
+        a hang otherwise): where, and for how long at most."""
+        where = ", ".join(f"{e.host}:{e.port}" for e in self._target.endpoints)
+        policy = self._policy
+        bound = f"for up to {policy.deadline:g} s (RetryPolicy.deadline)"
+        if policy.attempts:
+            bound += f", at most {policy.attempts} tries"
+        ev.log("warning", "connect_waiting",
+               message=f"no server answers at {where}; connect() keeps trying {bound}",
+               target=self._target.description, sqlstate=failure.sqlstate,
+               kind=failure.kind.value)
 
     def _open(self, call: _Call | None) -> Any:
         driver = self._driver
@@ -705,7 +716,7 @@ class ResilientConnection:
         _attach(exc, failure)
         if failure.reconnect or self._driver.is_broken(raw):
             self._emit(ev.FailureDetected, None, failure=failure, phase="passthrough",
-                       attempt=1)
+                       attempt=1, error=driver_text(exc))
             self._drop_session()
 
     def _connect_with_retries(self) -> Any:
@@ -726,10 +737,16 @@ class ResilientConnection:
         if self._closed:
             raise self._driver.closed_error()
 
-    def _emit(self, kind: type[ev.Event], call: _Call | None, **fields: Any) -> None:
+    @staticmethod
+    def _repeat_level(call: _Call) -> str | None:
+        """The log level of a connect retry: its own at first, DEBUG for the repeats."""
+        return "debug" if call.attempts > 2 else None
+
+    def _emit(self, kind: type[ev.Event], call: _Call | None, *, level: str | None = None,
+              **fields: Any) -> None:
         elapsed = self._policy.clock() - call.started if call is not None else 0.0
-        ev.emit(kind(target=self._target.description, elapsed=elapsed, **fields),
-                self._on_event)
+        event = kind(target=self._target.description, elapsed=elapsed, **fields)
+        ev.emit(event, self._on_event, level=level)
 
 
 def connect(

@@ -7,9 +7,11 @@ carries them out. ``docs/concepts.md`` explains them for users.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from ._kind import Failure, Kind
+from ._sqlstates import NO_SQLSTATE_AUTH, lookup
 
 
 class Phase(enum.Enum):
@@ -132,3 +134,76 @@ def resolve_commit(evidence: CommitEvidence) -> Resolution:
         # not us, and had we committed the id could not have been reused.
         return Resolution.ABORTED
     return Resolution.UNKNOWN
+
+
+@dataclass(frozen=True)
+class ProbeAnswer:
+    """What one endpoint answered a startup packet (see `symfo_failover._probe`)."""
+
+    endpoint: str
+    #: ``accepting``, ``refused``, ``error``, ``timeout`` or ``unreachable``.
+    state: str
+    sqlstate: str | None = None
+    #: The probe got past authentication (the login itself works).
+    authenticated: bool = False
+
+
+@dataclass(frozen=True)
+class LoginVerdict:
+    """What a failed first connect means, once the servers were asked."""
+
+    failure: Failure
+    #: Some server is up and accepts this login now: try once more at once.
+    try_again_now: bool = False
+    #: No server answered at all: the call will wait for one (say so, once).
+    nobody_answers: bool = False
+
+
+#: The rule of a failed connect to a server that is up.
+SERVER_UP = "connect failed, server up"
+
+
+def first_connect_failure(
+    failure: Failure, answers: Sequence[ProbeAnswer], *, driver_text: str = ""
+) -> LoginVerdict:
+    """Decide a failed *first* connect from what each server answered (no I/O).
+
+    Drivers report a wrong password, a missing database and a server that is down
+    alike (psqlODBC: 08001 for all; psycopg: no SQLSTATE), so the servers are asked
+    with a startup packet, which gives the server's own SQLSTATE in any language.
+    """
+    if failure.kind is not Kind.CONNECT_FAILED and failure.rule != NO_SQLSTATE_AUTH.code:
+        return LoginVerdict(failure)
+    said = f" Driver said: {driver_text}" if driver_text else ""
+    for answer in answers:
+        if answer.state == "error" and answer.sqlstate:
+            rule = lookup(answer.sqlstate)
+            what = f"{answer.sqlstate} ({rule.condition}): {rule.why}"
+            if rule.retryable:
+                # Up, but not accepting sessions yet (57P03 starting, 53300 full).
+                return LoginVerdict(replace(
+                    failure, kind=Kind.CONNECT_FAILED, retryable=True,
+                    sqlstate=answer.sqlstate,
+                    message=f"the server at {answer.endpoint} is not accepting this "
+                            f"connection yet, {what}{said}"))
+            return LoginVerdict(replace(
+                failure, kind=Kind.NOT_RETRYABLE, retryable=False,
+                sqlstate=answer.sqlstate, rule=SERVER_UP, condition=rule.condition,
+                message=f"the server at {answer.endpoint} refused this login with "
+                        f"{what}{said}"))
+        if answer.state in ("accepting", "error"):
+            if answer.authenticated:
+                how = "accepts this login now"
+            elif failure.rule == NO_SQLSTATE_AUTH.code:
+                how = ("is up and asked for a password, and the login failed: a wrong "
+                       "password, an unknown role or a missing database (the server says "
+                       "which only after authentication, which the probe could not do here)")
+            else:
+                how = "is up but refused this connection: check the user, password, " \
+                      "database and options"
+            return LoginVerdict(
+                replace(failure, kind=Kind.NOT_RETRYABLE, retryable=False, rule=SERVER_UP,
+                        message=f"the server at {answer.endpoint} {how}.{said}"),
+                try_again_now=True,
+            )
+    return LoginVerdict(failure, nobody_answers=bool(answers) and failure.retryable)

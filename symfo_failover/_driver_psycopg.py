@@ -194,6 +194,8 @@ class PsycopgDriver(_t.DriverBase):
             user=user,
             database=database,
             description=f"psycopg {shown}".strip(),
+            password=str(params.get("password") or os.environ.get("PGPASSWORD") or "") or None,
+            sslmode=str(params.get("sslmode") or os.environ.get("PGSSLMODE") or "") or None,
         )
 
     def connect(self, target: _t.Target) -> Any:

@@ -328,6 +328,9 @@ class PyodbcDriver(_t.DriverBase):
             user=user,
             database=database,
             description=f"pyodbc {shown}",
+            password=values.get("pwd") or values.get("password") or None,
+            # psqlODBC's own default is "disable"; the probe goes by the same value.
+            sslmode=values.get("sslmode") or "disable",
         )
 
     def _check_rollback_level(

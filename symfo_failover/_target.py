@@ -48,6 +48,10 @@ class Target:
     database: str
     #: Safe to log: no password, no full connection string.
     description: str
+    #: For the startup probe, which authenticates only where libpq would send the
+    #: password as well (`symfo_failover._probe`). Never shown.
+    password: str | None = field(default=None, repr=False)
+    sslmode: str | None = None
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ unit ran, and what was raised.
 from __future__ import annotations
 
 import contextlib
+import logging
 import pickle
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import pytest
 from resilient_helpers import Recorder, exe
 
 import symfo_failover as sf
+from symfo_failover._probe import probe
 from symfo_failover.harness import FaultProxy, LocalCluster, LocalServer
 
 pytestmark = pytest.mark.server
@@ -167,18 +169,15 @@ def test_a_cursor_commit_is_refused_too(rc: sf.ResilientConnection, table: Table
     assert table.rows() == []
 
 
-def test_with_connection_inside_a_unit_is_refused(
-    rc: sf.ResilientConnection, table: Table
-) -> None:
-    """psycopg's ``with conn:`` commits and closes at its end."""
-    if rc.driver != "psycopg":
-        pytest.skip("pyodbc's `with conn:` commits only outside autocommit mode: a no-op here")
-
+def test_with_connection_inside_a_unit_is_refused(server: LocalServer, table: Table) -> None:
+    """psycopg's ``with conn:`` commits and closes at its end. (pyodbc's commits only
+    outside autocommit mode, so inside a unit it does nothing.)"""
     def unit(raw: Any) -> None:
         with raw:
             table.insert(raw, "A")
 
-    broken(rc, unit, "ended-transaction")
+    with sf.connect(server.conninfo(), policy=FAST) as rc:
+        broken(rc, unit, "ended-transaction")
     assert table.rows() == []
 
 
@@ -298,6 +297,90 @@ def test_a_swallowed_error_is_never_a_false_success(
         assert rc.run(counted) == "ok"
         assert counted.runs == 1
         assert table.rows() == ["A"]
+
+
+# --- bad input and messages that say what the server said ------------------------------
+
+
+@pytest.fixture(scope="module")
+def locked() -> Iterator[LocalCluster]:
+    """A password-protected server with a role that may not log in."""
+    with LocalCluster(password="right") as cluster:
+        cluster.start()
+        with psycopg.connect(cluster.conninfo(), autocommit=True) as conn:
+            conn.execute("CREATE ROLE nologin PASSWORD 'right' NOLOGIN")
+        yield cluster
+
+
+def _info(driver: str, cluster: LocalCluster | LocalServer, **kw: str) -> str:
+    if driver == "psycopg":
+        return cluster.conninfo(**kw)
+    odbc = {"dbname": "Database", "user": "Uid", "password": "Pwd"}
+    return cluster.odbc_connection_string(**{odbc[k]: v for k, v in kw.items()})
+
+
+@pytest.mark.parametrize(("change", "sqlstate"), [
+    ({"password": "wrong"}, "28P01"),
+    ({"dbname": "nosuchdb"}, "3D000"),
+    ({"user": "nologin"}, "28000"),
+    ({"user": "nosuchrole"}, "28P01"),  # password auth does not tell a missing role
+])
+def test_a_refused_login_says_what_the_server_said(
+    driver: str, locked: LocalCluster, change: dict[str, str], sqlstate: str
+) -> None:
+    rec = Recorder()
+    with pytest.raises(psycopg.OperationalError if driver == "psycopg" else pyodbc.Error
+                       ) as raised:
+        sf.connect(_info(driver, locked, **change), driver=driver, on_event=rec)
+    failure = raised.value.failure  # type: ignore[attr-defined]
+    assert failure.sqlstate == sqlstate
+    assert not failure.retryable
+    assert f"refused this login with {sqlstate}" in failure.message
+    assert ("authentication" in failure.message) == (sqlstate == "28P01")
+    assert "password=" not in failure.message.replace("password=***", "")
+    assert len(rec.of(sf.FailureDetected)) == 1
+    assert rec.of(sf.FailureDetected)[0].failure.sqlstate == sqlstate
+
+
+def test_a_trust_server_says_the_database_is_missing_without_contradiction(
+    driver: str, server: LocalServer
+) -> None:
+    info = (server.conninfo(dbname="nosuchdb") if driver == "psycopg"
+            else server.odbc_connection_string(database="nosuchdb"))
+    with pytest.raises(psycopg.OperationalError if driver == "psycopg" else pyodbc.Error
+                       ) as raised:
+        sf.connect(info, driver=driver)
+    failure = raised.value.failure  # type: ignore[attr-defined]
+    assert failure.sqlstate == "3D000"
+    assert failure.condition == "invalid_catalog_name"
+    assert "connection refused" not in failure.message.lower()
+    assert "28P01" not in failure.message
+
+
+def test_a_port_where_nothing_listens_says_so_at_once(
+    driver: str, server: LocalServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One warning, before any waiting, naming the address and the deadline; the
+    retries themselves are quiet."""
+    port = server.port + 1 if server.port < 65535 else server.port - 1
+    while probe(server.host, port).state != "refused":
+        port -= 1
+    info = (server.conninfo(port=str(port)) if driver == "psycopg"
+            else server.odbc_connection_string(Port=str(port)))
+    caplog.set_level(logging.DEBUG, logger="symfo_failover")
+    with pytest.raises(sf.RetriesExhausted):
+        sf.connect(info, driver=driver, policy=sf.RetryPolicy(deadline=0.5))
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING
+                and r.name == "symfo_failover"]
+    names = [getattr(r, "symfo_event", None) for r in warnings]
+    assert names[0] == "connect_waiting"
+    assert names.count("connect_waiting") == 1
+    assert f"{server.host}:{port}" in warnings[0].getMessage()
+    assert "0.5 s" in warnings[0].getMessage()
+    tries = [r for r in caplog.records if getattr(r, "symfo_event", None) == "failure_detected"]
+    assert len(tries) > 2
+    assert {r.levelno for r in tries[2:]} == {logging.DEBUG}, "the repeats are quiet"
+    assert names[-1] == "gave_up"
 
 
 def test_psycopg_names_the_error_that_was_swallowed(server: LocalServer, table: Table) -> None:

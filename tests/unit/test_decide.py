@@ -148,3 +148,85 @@ def test_resolve_commit_returns_a_result_only_on_a_committed_answer(
     if resolution is Resolution.COMMITTED:
         assert status == "committed"
         assert not restarted
+
+
+# --- a failed first connect, decided from what the servers answered ---------------------
+
+from symfo_failover._decide import (  # noqa: E402
+    SERVER_UP,
+    ProbeAnswer,
+    first_connect_failure,
+)
+from symfo_failover._sqlstates import NO_SQLSTATE_AUTH, NO_SQLSTATE_CONNECT  # noqa: E402
+
+
+def _connect_failed() -> Failure:
+    return Failure(
+        kind=Kind.CONNECT_FAILED, sqlstate=None, retryable=True, reconnect=True,
+        message="could not connect", rule=NO_SQLSTATE_CONNECT.code, condition="x")
+
+
+def _auth_failed() -> Failure:
+    return Failure(kind=Kind.NOT_RETRYABLE, sqlstate=None, retryable=False, reconnect=True,
+                   message="authentication failed", rule=NO_SQLSTATE_AUTH.code, condition="y")
+
+
+A = "10.0.0.1:5432"  # never connected to: these are data
+B = "10.0.0.2:5432"
+
+
+@pytest.mark.parametrize(
+    ("make", "answers", "sqlstate", "retryable", "again", "waits"),
+    [
+        # Nobody answers: wait for a server, and say so once.
+        (_connect_failed, [ProbeAnswer(A, "refused")], None, True, False, True),
+        (_connect_failed, [ProbeAnswer(A, "timeout"), ProbeAnswer(B, "unreachable")],
+         None, True, False, True),
+        # The server's own word, in any language.
+        (_connect_failed, [ProbeAnswer(A, "error", "3D000", True)], "3D000", False, False,
+         False),
+        (_auth_failed, [ProbeAnswer(A, "error", "3D000", True)], "3D000", False, False, False),
+        (_auth_failed, [ProbeAnswer(A, "error", "28P01")], "28P01", False, False, False),
+        (_connect_failed, [ProbeAnswer(A, "error", "28000", True)], "28000", False, False,
+         False),
+        # Not accepting yet: wait.
+        (_connect_failed, [ProbeAnswer(A, "error", "57P03")], "57P03", True, False, False),
+        (_auth_failed, [ProbeAnswer(A, "error", "53300", True)], "53300", True, False, False),
+        # The second host answers after the first is down.
+        (_connect_failed, [ProbeAnswer(A, "refused"), ProbeAnswer(B, "error", "3D000")],
+         "3D000", False, False, False),
+        # Up and accepting this very login: it came up just now, try again at once.
+        (_connect_failed, [ProbeAnswer(A, "accepting", None, True)], None, False, True,
+         False),
+        # Up, asked for a password the probe could not send: the login is at fault.
+        (_auth_failed, [ProbeAnswer(A, "accepting")], None, False, True, False),
+        (_connect_failed, [ProbeAnswer(A, "accepting")], None, False, True, False),
+        # No endpoint known (an ODBC DSN): nothing to ask, nothing said.
+        (_connect_failed, [], None, True, False, False),
+    ],
+)
+def test_a_failed_first_connect_is_decided_by_the_servers_answer(
+    make: object, answers: list[ProbeAnswer], sqlstate: str | None, retryable: bool,
+    again: bool, waits: bool,
+) -> None:
+    failure = make()  # type: ignore[operator]
+    verdict = first_connect_failure(failure, answers, driver_text="driver text")
+    assert verdict.failure.sqlstate == sqlstate
+    assert verdict.failure.retryable is retryable
+    assert verdict.try_again_now is again
+    assert verdict.nobody_answers is waits
+    if sqlstate is not None and not retryable:
+        assert verdict.failure.rule == SERVER_UP
+        assert f"refused this login with {sqlstate}" in verdict.failure.message
+        assert "refused this connection" not in verdict.failure.message
+    if sqlstate == "3D000":
+        assert "28P01" not in verdict.failure.message
+        assert "authentication" not in verdict.failure.message.lower()
+
+
+def test_other_failures_are_not_a_login_question() -> None:
+    lost = classify("57P01")
+    verdict = first_connect_failure(lost, [ProbeAnswer(A, "error", "3D000")])
+    assert verdict.failure == lost
+    assert not verdict.try_again_now
+    assert not verdict.nobody_answers
