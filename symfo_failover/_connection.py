@@ -420,16 +420,17 @@ class ResilientConnection:
     def _check_unit_left(self, raw: Any, guard: UnitGuard) -> None:
         """What the unit left behind, from the driver's local state (no round trip)."""
         driver = self._driver
-        if driver.closed_by_client(raw):
-            guard.refuse("closed-connection", "the connection was closed")
+        state = driver.unit_left(raw)
+        if state == "open" or state is None:
             return
-        if driver.is_broken(raw):
+        if state == "closed":
+            guard.refuse("closed-connection", "the connection was closed")
+        elif state == "lost":
             # The session died under the unit, which caught the error and returned.
             # Nothing was committed: as after any lost session, run it again.
             failure = classify(None, connection=raw)
             raise _SessionLostUnderUnit(failure)
-        state = driver.transaction_state(raw)
-        if state == "failed":
+        elif state == "failed":
             said = driver.last_error_text(raw)
             guard.refuse("swallowed-error", "the transaction had failed when the unit "
                          "returned" + (f" (the server said: {said})" if said else ""))

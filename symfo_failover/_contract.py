@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import types
 
 from ._errors import CONTRACT_RULES, UnitContractError
 
@@ -111,6 +112,8 @@ def transaction_control(sql: str) -> str | None:
 
 def refuse_coroutine_function(fn: object, *, flavour: str = "sync") -> None:
     """``TypeError`` for an ``async def`` unit given to the sync ``run()``."""
+    if type(fn) is types.FunctionType and not fn.__code__.co_flags & _ASYNC_FLAGS:
+        return  # the common case first: a run() pays for this check
     if not callable(fn):
         raise TypeError(f"run() needs a function, not {type(fn).__name__}")
     if _is_async(fn):
@@ -121,8 +124,13 @@ def refuse_coroutine_function(fn: object, *, flavour: str = "sync") -> None:
         )
 
 
+_PLAIN_RESULTS = frozenset({int, str, bytes, float, bool, tuple, list, dict, set})
+
+
 def refuse_awaitable_result(result: object, fn: object) -> None:
     """``TypeError`` for a unit that returned an awaitable (a coroutine, a future)."""
+    if result is None or type(result) in _PLAIN_RESULTS:
+        return  # the common case, without the ABC check of inspect.isawaitable
     if inspect.isawaitable(result):
         if inspect.iscoroutine(result):
             result.close()  # never awaited: close it, so that Python does not warn
@@ -132,7 +140,13 @@ def refuse_awaitable_result(result: object, fn: object) -> None:
         )
 
 
+_ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
 def _is_async(fn: object) -> bool:
+    if type(fn) is types.FunctionType and not hasattr(fn, "_is_coroutine_marker"):
+        # The common case, without inspect's unwrapping (a run() pays for this).
+        return bool(fn.__code__.co_flags & _ASYNC_FLAGS)
     if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
         return True
     call = getattr(type(fn), "__call__", None)  # noqa: B004 - a callable object's method

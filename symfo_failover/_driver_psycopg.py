@@ -167,7 +167,18 @@ def _check(conn: Any, query: Any) -> None:
 
 @functools.lru_cache(maxsize=16)
 def _guarded_cursor(cls: type[Any]) -> type[Any]:
+    if issubclass(cls, _StatementGuard):
+        return cls
     return type(f"Guarded{cls.__name__}", (_StatementGuard, cls), {})
+
+
+#: The transaction's state by libpq's status (plain ints: compared per unit).
+_TRANSACTION_STATES = {
+    int(TransactionStatus.INTRANS): "open",
+    int(TransactionStatus.INERROR): "failed",
+    int(TransactionStatus.IDLE): "ended",
+}
+_BAD = int(ConnStatus.BAD)
 
 
 class PsycopgDriver(_t.DriverBase):
@@ -234,25 +245,22 @@ class PsycopgDriver(_t.DriverBase):
     def lend(self, raw: Any, guard: UnitGuard) -> Any:
         raw._symfo_guard = guard
         factory = raw.cursor_factory
-        raw.cursor_factory = _guarded_cursor(factory)
         raw._symfo_cursor_factory = factory
+        raw.cursor_factory = _guarded_cursor(factory)
         return raw
 
     def reclaim(self, raw: Any, guard: UnitGuard) -> None:
         raw._symfo_guard = None
-        factory = getattr(raw, "_symfo_cursor_factory", None)
-        if factory is not None:
-            raw.cursor_factory = factory
+        raw.cursor_factory = raw._symfo_cursor_factory
 
     def transaction_state(self, raw: Any) -> str | None:
-        status = raw.pgconn.transaction_status
-        if status == TransactionStatus.INTRANS:
-            return "open"
-        if status == TransactionStatus.INERROR:
-            return "failed"
-        if status == TransactionStatus.IDLE:
-            return "ended"
-        return None
+        return _TRANSACTION_STATES.get(raw.pgconn.transaction_status)
+
+    def unit_left(self, raw: Any) -> str | None:
+        pgconn = raw.pgconn
+        if pgconn.status == _BAD:
+            return "lost" if raw.broken else "closed"
+        return _TRANSACTION_STATES.get(pgconn.transaction_status)
 
     def closed_by_client(self, raw: Any) -> bool:
         return bool(raw.closed and not raw.broken)

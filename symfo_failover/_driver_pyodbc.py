@@ -406,6 +406,11 @@ class PyodbcDriver(_t.DriverBase):
         # fails the transaction, and the statements that end it are refused.
         return None
 
+    def unit_left(self, raw: Any) -> str | None:
+        if getattr(raw, "closed", False):
+            return "closed"
+        return "lost" if is_broken(raw) else None
+
     def closed_by_client(self, raw: Any) -> bool:
         return bool(getattr(raw, "closed", False))
 

@@ -395,6 +395,29 @@ def test_psycopg_names_the_error_that_was_swallowed(server: LocalServer, table: 
     assert "nothing the unit wrote is committed" in str(raised.value)
 
 
+def test_a_lost_session_the_unit_swallowed_is_run_again_not_committed(
+    driver: str, server: LocalServer, table: Table
+) -> None:
+    """The session dies under the unit, which catches the error and returns: nothing
+    was committed, so it is a lost session like any other, and the unit runs again."""
+    rec = Recorder()
+    info = server.conninfo() if driver == "psycopg" else server.odbc_connection_string()
+    with sf.connect(info, driver=driver, policy=FAST, on_event=rec) as rc:
+        def unit(raw: Any) -> str:
+            table.insert(raw, f"run{counted.runs}")
+            if counted.runs == 1:
+                with contextlib.suppress(psycopg.Error, pyodbc.Error):
+                    exe(raw, "SELECT pg_terminate_backend(pg_backend_pid())")
+            return "ok"
+
+        counted = Counted(unit)
+        assert rc.run(counted) == "ok"
+    assert counted.runs == 2
+    assert table.rows() == ["run2"]
+    assert [e.phase for e in rec.of(sf.FailureDetected)] == ["unit"]
+    assert len(rec.of(sf.UnitReplayed)) == 1
+
+
 @pytest.mark.odbc
 @pytest.mark.parametrize("level", ["7.4-0", "7.4-1"])
 def test_psqlodbc_rollback_levels_that_break_the_contract_are_refused(
