@@ -329,8 +329,9 @@ class PyodbcDriver(_t.DriverBase):
             database=database,
             description=f"pyodbc {shown}",
             password=values.get("pwd") or values.get("password") or None,
-            # psqlODBC's own default is "disable"; the probe goes by the same value.
-            sslmode=values.get("sslmode") or "disable",
+            # Not given: the probe behaves as libpq's "prefer" (it authenticates only if
+            # the server declines SSL), the safe reading whatever psqlODBC defaults to.
+            sslmode=values.get("sslmode") or None,
         )
 
     def _check_rollback_level(
