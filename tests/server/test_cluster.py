@@ -50,6 +50,17 @@ def _values(cluster: BaseCluster) -> list[int]:
         return [r[0] for r in conn.execute("SELECT v FROM shared_disk ORDER BY v")]
 
 
+def _connect_error(driver: str) -> type[Exception]:
+    """What a failed connect raises: each driver's own error class."""
+    if driver == "psycopg":
+        import psycopg
+
+        return psycopg.OperationalError
+    import pyodbc
+
+    return pyodbc.OperationalError  # 08001
+
+
 def _lost_during(cluster: BaseCluster, driver: str, fault: Any) -> BaseException:
     conn = conformance.connect(driver, cluster)
     try:
@@ -87,7 +98,7 @@ def test_node_down(symfo_cluster: BaseCluster, driver: str) -> None:
     _lost_during(symfo_cluster, driver, symfo_cluster.node_down)
     assert symfo_cluster.active is None
     assert probe(symfo_cluster.host, symfo_cluster.port).state == "refused"
-    with pytest.raises(Exception) as info:  # noqa: PT011 (psycopg or pyodbc error)
+    with pytest.raises(_connect_error(driver)) as info:
         conformance.connect(driver, symfo_cluster)
     assert classify(info.value).kind is Kind.CONNECT_FAILED
     symfo_cluster.start(symfo_cluster.standby)
@@ -104,9 +115,14 @@ def test_crash(symfo_cluster: BaseCluster, driver: str) -> None:
     assert _node(symfo_cluster) == "node-a"  # restarted where it ran
 
 
+def _phases(answers: list[str]) -> list[str]:
+    """``answers`` with repeats folded: the states the access point went through, in order."""
+    return [a for i, a in enumerate(answers) if i == 0 or answers[i - 1] != a]
+
+
 def test_failover_windows_are_observable(symfo_cluster: BaseCluster) -> None:
     _write(symfo_cluster, 7)
-    seen: list[tuple[float, float, str]] = []  # (probe began, probe ended, answer)
+    seen: list[tuple[float, float, str]] = []  # (probe began, probe ended, answer), in turn
     stop = threading.Event()
 
     def watch() -> None:
@@ -119,27 +135,39 @@ def test_failover_windows_are_observable(symfo_cluster: BaseCluster) -> None:
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
+        deadline = time.monotonic() + 10
+        while not seen:  # the watcher has seen the old node accepting
+            assert time.monotonic() < deadline, "no probe answered"
+            time.sleep(0.01)
         t = symfo_cluster.failover(switch_delay=0.4, startup_delay=0.4)
-        time.sleep(0.1)
+        assert t.accepting_at is not None
+        accepting_at = t.accepting_at
+        # Some probes after the new node accepted, before the watcher stops.
+        deadline = time.monotonic() + 10
+        while sum(1 for b, _, _ in seen if b > accepting_at) < 3:
+            assert time.monotonic() < deadline, "no probe after the failover"
+            time.sleep(0.01)
     finally:
         stop.set()
         watcher.join(5)
     assert (t.from_node, t.to_node) == ("node-a", "node-b")
     assert t.down_at is not None
     assert t.listening_at is not None
-    assert t.accepting_at is not None
-    assert t.down_at < t.listening_at < t.accepting_at
-    assert t.listening_at - t.down_at >= 0.4
-    assert t.accepting_at - t.listening_at >= 0.4
-    # The harness notes each moment just after it happened; the new node started
-    # listening no earlier than switch_delay after the kill, and was promoted no
-    # earlier than startup_delay after it was seen listening.
-    during_switch = {s for b, e, s in seen if t.down_at < b and e < t.down_at + 0.4}
-    while_starting = {s for b, e, s in seen if t.listening_at < b and e < t.listening_at + 0.4}
-    after = {s for b, e, s in seen if b > t.accepting_at}
-    assert during_switch == {"refused"}  # the guide's "access while switching"
-    assert while_starting == {"error 57P03"}  # the new node is still starting
-    assert after == {"accepting"}
+    assert t.started_at <= t.down_at < t.listening_at < t.accepting_at
+    # The guide's windows, in this order and no other: refused while switching ("access
+    # while switching"), 57P03 while the new node starts, then accepting again.
+    answers = [a for _, _, a in seen]
+    assert _phases(answers) == ["accepting", "refused", "error 57P03", "accepting"], answers
+    # Each change came after the step of the harness that makes it. (The harness notes
+    # each moment just after it happened, so the order against the probes' own clock
+    # holds only one way.)
+    refused = answers.index("refused")
+    starting = answers.index("error 57P03")
+    back = answers.index("accepting", starting)
+    assert seen[refused][1] > t.started_at  # the old node was killed after the start
+    assert seen[starting][1] > t.down_at  # the new node was started after the kill
+    assert seen[back][1] > t.listening_at  # and promoted after it was seen listening
+    assert {a for b, _, a in seen if b > t.accepting_at} == {"accepting"}
     assert _values(symfo_cluster) == [7]
 
 

@@ -1,4 +1,8 @@
-"""FaultProxy on real sessions: pass-through, cuts, delays, and COMMITs whose reply is lost."""
+"""FaultProxy on real sessions: pass-through, cuts, delays, and COMMITs whose reply is lost.
+
+The protocol logic without sockets is in ``tests/unit/test_proxy_framing.py``; what the
+faults cost in time is measured by ``benchmarks/bench_harness.py``, not asserted here.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -17,17 +22,13 @@ import pytest
 from symfo_failover import Kind, classify
 from symfo_failover import _driver_pyodbc as odbc_adapter
 from symfo_failover.harness import LocalServer
-from symfo_failover.harness._proxy import (
-    FaultProxy,
-    _BackendScanner,
-    _FrontendParser,
-    _Phase,
-    is_commit_sql,
-)
+from symfo_failover.harness._proxy import FaultProxy, _Pipe
 
 pytestmark = pytest.mark.server
 
 _tables = itertools.count()
+#: Runs far longer than any test: an error while the server still runs it is the fault's.
+LONG_SLEEP = "SELECT pg_sleep(60)"
 
 
 @pytest.fixture(scope="module")
@@ -119,73 +120,49 @@ def _assert_odbc_lost(exc: BaseException, conn: pyodbc.Connection) -> None:
     assert classify(exc, connection=conn).kind is Kind.CONNECTION_LOST
 
 
-# --- the protocol logic, without sockets -------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class _Step:
+    """One thing a proxy pipe did (``push``: a chunk came in; ``write``: it went out), or
+    a ``mark`` the test thread put in between."""
+
+    what: str
+    direction: str  # "up": to the server; "down": to the client
+    size: int
+    queued: bool = False  # push: held back rather than written at once
+    latency: float | None = None  # push: the proxy's latency setting then
+    due: float | None = None  # push, when queued: when the proxy will write it (loop time)
+    earliest: float | None = None  # push: the loop's time before the push, plus the latency
 
 
-@pytest.mark.parametrize(
-    ("sql", "commits"),
-    [
-        ("COMMIT", True),
-        ("commit;", True),
-        ("  Commit Work ; ", True),
-        ("COMMIT TRANSACTION", True),
-        ("END", True),
-        ("end transaction;", True),
-        ("COMMIT AND CHAIN", True),
-        ("COMMIT PREPARED 'gid'", False),
-        ("COMMITTED", False),
-        ("ROLLBACK", False),
-        ("SELECT 'COMMIT'", False),
-        ("COMMIT; COMMIT", False),
-    ],
-)
-def test_commit_sql_is_recognised(sql: str, commits: bool) -> None:
-    assert is_commit_sql(sql) is commits
+@pytest.fixture
+def wire(monkeypatch: pytest.MonkeyPatch) -> list[_Step]:
+    """Everything the proxy's pipes do, in the order they do it.
 
+    Recorded in the proxy's event loop thread (the test thread only adds marks), from the
+    proxy's own state: whether a chunk was queued, and the time it was queued for.
+    """
+    steps: list[_Step] = []
+    push, write = _Pipe.push, _Pipe._write
 
-def _msg(kind: bytes, body: bytes) -> bytes:
-    return kind + (len(body) + 4).to_bytes(4, "big") + body
+    def recorded_push(self: _Pipe, data: bytes) -> None:
+        core = self._core
+        earliest = core.loop.time() + core.latency
+        queued_before = len(self._queue)
+        push(self, data)
+        queued = len(self._queue) > queued_before
+        due = self._queue[-1][0] if queued else None
+        direction = "up" if self._upstream else "down"
+        steps.append(_Step("push", direction, len(data), queued, core.latency, due, earliest))
 
+    def recorded_write(self: _Pipe, data: bytes) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            steps.append(_Step("write", "up" if self._upstream else "down", len(data)))
+        write(self, data)
 
-def test_frontend_parser_finds_messages_at_any_split() -> None:
-    startup = b"\x00\x03\x00\x00user\x00postgres\x00\x00"
-    stream = (
-        (len(startup) + 4).to_bytes(4, "big")
-        + startup
-        + _msg(b"Q", b"COMMIT\x00")
-        + _msg(b"d", b"x" * 300)
-        + _msg(b"P", b"\x00COMMIT\x00\x00\x00")
-        + _msg(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00")
-        + _msg(b"E", b"\x00\x00\x00\x00\x00")
-        + _msg(b"S", b"")
-    )
-    expected = [b"", b"Q", b"P", b"B", b"E", b"S"]
-    for cut_at in range(len(stream) + 1):
-        parser = _FrontendParser()
-        segments = parser.feed(stream[:cut_at]) + parser.feed(stream[cut_at:])
-        assert b"".join(s.data for s in segments) == stream
-        assert [s.message.type for s in segments if s.message] == expected
-        assert parser.phase is _Phase.TYPED
-    # One byte at a time: CopyData is streamed, never held back whole.
-    parser = _FrontendParser()
-    pieces = [parser.feed(stream[i : i + 1]) for i in range(len(stream))]
-    assert sum(1 for p in pieces if p and p[0].message is None) >= 300
-
-
-def test_backend_scanner_finds_ready_for_query_and_ssl_answers() -> None:
-    stream = b"N" + _msg(b"R", b"\x00\x00\x00\x00") + _msg(b"Z", b"I") + _msg(b"C", b"x\x00")
-    stream += _msg(b"Z", b"T")
-    for cut_at in range(len(stream) + 1):
-        scanner = _BackendScanner()
-        scanner.expect_answer()
-        first = scanner.feed(stream[:cut_at])
-        ends = first + [cut_at + e for e in scanner.feed(stream[cut_at:])]
-        assert ends == [16, 29]
-        assert not scanner.blind
-    scanner = _BackendScanner()
-    scanner.expect_answer()
-    assert scanner.feed(b"S\x16\x03\x01") == []
-    assert scanner.blind  # TLS follows: nothing more can be parsed
+    monkeypatch.setattr(_Pipe, "push", recorded_push)
+    monkeypatch.setattr(_Pipe, "_write", recorded_write)
+    return steps
 
 
 # --- pass-through ----------------------------------------------------------------------------
@@ -244,38 +221,56 @@ def test_cut_idle_session(srv: LocalServer, proxy: FaultProxy) -> None:
         assert again.execute("SELECT 1").fetchone() == (1,)
 
 
-def _cut_later(proxy: FaultProxy, delay: float) -> threading.Thread:
+def _cut_once_running(
+    proxy: FaultProxy, admin: psycopg.Connection[Any], pid: int, steps: list[str]
+) -> threading.Thread:
+    """Cut every session once the server shows ``pid`` running its pg_sleep."""
+
     def cut() -> None:
-        time.sleep(delay)
-        proxy.cut()
+        assert _wait_until(lambda: _running_sleep(admin, pid), timeout=10)
+        steps.append("cut")
+        steps.append(f"cut {proxy.cut()}")
 
     thread = threading.Thread(target=cut)
     thread.start()
     return thread
 
 
+def _running_sleep(admin: psycopg.Connection[Any], pid: int) -> bool:
+    activity = _activity(admin, pid)
+    return activity is not None and activity[0] == "active" and "pg_sleep" in activity[2]
+
+
 def test_cut_during_a_running_query(
     srv: LocalServer, proxy: FaultProxy, admin: psycopg.Connection[Any]
 ) -> None:
+    # The query would run a minute: an error while the server still runs it can only
+    # come from the cut.
     conn = _via(srv, proxy, autocommit=True)
     pid = conn.info.backend_pid
-    cutter = _cut_later(proxy, 0.3)
-    started = time.monotonic()
+    steps: list[str] = []
+    cutter = _cut_once_running(proxy, admin, pid, steps)
     with pytest.raises(psycopg.OperationalError) as info:
-        conn.execute("SELECT pg_sleep(10)")
-    assert time.monotonic() - started < 5
+        conn.execute(LONG_SLEEP)
+    steps.append("error")
+    assert _running_sleep(admin, pid), "the query ended before the client saw the error"
     cutter.join()
+    assert steps[0] == "cut"
+    assert sorted(steps[1:]) == ["cut 1", "error"]  # cut() may return after the error
     _assert_psycopg_lost(info.value, conn)
     admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
     odbc = _odbc_via(proxy)
     odbc_pid = odbc.cursor().execute("SELECT pg_backend_pid()").fetchone()[0]
-    cutter = _cut_later(proxy, 0.3)
-    started = time.monotonic()
+    steps.clear()
+    cutter = _cut_once_running(proxy, admin, odbc_pid, steps)
     with pytest.raises(pyodbc.Error) as odbc_info:
-        odbc.cursor().execute("SELECT pg_sleep(10)")
-    assert time.monotonic() - started < 5
+        odbc.cursor().execute(LONG_SLEEP)
+    steps.append("error")
+    assert _running_sleep(admin, odbc_pid), "the query ended before the client saw the error"
     cutter.join()
+    assert steps[0] == "cut"
+    assert sorted(steps[1:]) == ["cut 1", "error"]
     _assert_odbc_lost(odbc_info.value, odbc)
     odbc.close()
     admin.execute("SELECT pg_terminate_backend(%s)", (odbc_pid,))
@@ -284,29 +279,86 @@ def test_cut_during_a_running_query(
 # --- latency and pause -------------------------------------------------------------------------
 
 
-def test_latency_delays_both_directions_in_order(srv: LocalServer, proxy: FaultProxy) -> None:
+def _pushes(steps: list[_Step], direction: str) -> list[_Step]:
+    return [s for s in steps if s.what == "push" and s.direction == direction]
+
+
+def _writes(steps: list[_Step], direction: str) -> list[_Step]:
+    return [s for s in steps if s.what == "write" and s.direction == direction]
+
+
+def _query_steps(
+    conn: psycopg.Connection[Any], wire: list[_Step], sql: str
+) -> tuple[list[Any], list[_Step]]:
+    """Run ``sql``; its rows, and what the proxy's pipes did for it between two marks."""
+    start = len(wire)
+    wire.append(_Step("mark", "", 0))
+    rows = conn.execute(sql).fetchall()
+    wire.append(_Step("mark", "", 0))
+    return rows, wire[start:]
+
+
+def _assert_held_then_forwarded(steps: list[_Step], latency: float) -> None:
+    """Each chunk of one request and its reply was queued with ``latency``, then written.
+
+    ``steps`` runs from the client sending to the client having read the reply.
+    """
+    assert steps[0].what == steps[-1].what == "mark"
+    for direction in ("up", "down"):
+        pushes, writes = _pushes(steps, direction), _writes(steps, direction)
+        assert pushes, f"nothing went {direction}"
+        for push in pushes:
+            assert push.queued, f"a chunk went {direction} at once"
+            assert push.latency == latency
+            assert push.due is not None
+            assert push.earliest is not None
+            assert push.due >= push.earliest  # scheduled no earlier than pushed + latency
+        # Every chunk was written after it was queued, in the order queued, whole.
+        assert [w.size for w in writes] == [p.size for p in pushes]
+        for push, write in zip(pushes, writes, strict=True):
+            assert steps.index(push) < steps.index(write)
+    # The request was forwarded before the server answered; the client read the reply
+    # only after the proxy had written the last of it.
+    assert steps.index(_writes(steps, "up")[-1]) < steps.index(_pushes(steps, "down")[0])
+    assert steps.index(_writes(steps, "down")[-1]) < len(steps) - 1
+
+
+def test_latency_delays_both_directions_in_order(
+    srv: LocalServer, proxy: FaultProxy, wire: list[_Step]
+) -> None:
     with _via(srv, proxy, autocommit=True) as conn:
+        rows, direct = _query_steps(conn, wire, "SELECT 1")
+        assert rows == [(1,)]
+        # No latency: each chunk is written while it is pushed, never queued.
+        assert _pushes(direct, "up")
+        assert _pushes(direct, "down")
+        assert not any(s.queued for s in direct if s.what == "push")
 
-        def round_trip() -> float:
-            started = time.perf_counter()
-            conn.execute("SELECT 1")
-            return time.perf_counter() - started
-
-        fast = min(round_trip() for _ in range(5))
         proxy.set_latency(0.2)
-        slow = round_trip()
+        rows, delayed = _query_steps(conn, wire, "SELECT 1")
+        assert rows == [(1,)]
+        _assert_held_then_forwarded(delayed, 0.2)
+
         # Several chunks each way, each delayed: they must still arrive in order.
         proxy.set_latency(0.02)
-        rows = conn.execute("SELECT repeat('y', 500) || i FROM generate_series(1, 3000) i")
+        rows, chunks = _query_steps(
+            conn, wire, "SELECT repeat('y', 500) || i FROM generate_series(1, 3000) i"
+        )
         assert [r[0] for r in rows] == ["y" * 500 + str(i) for i in range(1, 3001)]
+        assert len(_pushes(chunks, "down")) > 1
+        _assert_held_then_forwarded(chunks, 0.02)
+
+        # Back to none: written at once again.
         proxy.set_latency(0)
-        assert round_trip() < 0.15
-    # 0.2 s on the way there and 0.2 s on the way back.
-    assert slow >= 0.35
-    assert slow >= 3 * fast
+        rows, undelayed = _query_steps(conn, wire, "SELECT 1")
+        assert rows == [(1,)]
+        assert _pushes(undelayed, "up")
+        assert not any(s.queued for s in undelayed if s.what == "push")
 
 
-def test_pause_holds_traffic_until_resume(srv: LocalServer, proxy: FaultProxy) -> None:
+def test_pause_holds_traffic_until_resume(
+    srv: LocalServer, proxy: FaultProxy, wire: list[_Step]
+) -> None:
     conn = _via(srv, proxy, autocommit=True)
     results: dict[str, Any] = {}
 
@@ -318,16 +370,27 @@ def test_pause_holds_traffic_until_resume(srv: LocalServer, proxy: FaultProxy) -
             results["connect"] = other.execute("SELECT 7").fetchone()
 
     proxy.pause()
+    start = len(wire)
     workers = [threading.Thread(target=query), threading.Thread(target=connect)]
     for worker in workers:
         worker.start()
-    time.sleep(0.5)
+    # Both clients' first bytes (the query; the new session's startup) reached the proxy.
+    assert _wait_until(lambda: len(_pushes(wire[start:], "up")) >= 2)
+    assert proxy.stats.connections_accepted == 2
+    held = wire[start:]
+    assert all(s.queued for s in _pushes(held, "up"))
+    assert not _writes(held, "up")
+    assert not _writes(held, "down")
     assert all(worker.is_alive() for worker in workers)
     assert results == {}
     proxy.resume()
     for worker in workers:
         worker.join(5)
     assert results == {"query": (42,), "connect": (7,)}
+    # On resume the held chunks went out first, before anything else was forwarded.
+    held_sizes = sorted(p.size for p in _pushes(held, "up"))
+    resumed = sorted(w.size for w in _writes(wire[start:], "up")[: len(held_sizes)])
+    assert resumed == held_sizes
     conn.close()
 
 

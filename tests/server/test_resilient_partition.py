@@ -1,10 +1,13 @@
-"""A real partition: with the default settings a session is declared lost within
-DESIGN §5's bound (15 s), and the unit then fails over to the other node."""
+"""A real partition: with the default settings a session is declared lost while the
+network is still cut, and the unit then fails over to the other node.
+
+How long detection takes (DESIGN §5: within 15 s by default) is measured by
+``benchmarks/bench_resilient.py --only partition``, not here.
+"""
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,8 +19,9 @@ from symfo_failover.harness import LocalCluster, Partition, partition_available
 
 pytestmark = [pytest.mark.server, pytest.mark.partition]
 
-#: DESIGN §5: a session on a partitioned network is declared lost within 15 s by default.
-BOUND = 15.0
+#: Bounds the wait for detection so that a miss fails instead of hanging (DESIGN §5's
+#: 15 s, plus a generous margin for a loaded machine). Not a measurement.
+WAIT = 45.0
 
 
 @pytest.fixture(params=["psycopg", pytest.param("pyodbc", marks=pytest.mark.odbc)])
@@ -37,49 +41,62 @@ def cluster() -> Iterator[LocalCluster]:
         yield cl
 
 
-def test_a_partitioned_session_is_declared_lost_within_the_bound_and_fails_over(
+def test_a_partitioned_session_is_declared_lost_and_fails_over(
     driver: str, cluster: LocalCluster
 ) -> None:
     info = (cluster.conninfo() if driver == "psycopg" else cluster.odbc_connection_string())
+    partition = Partition(cluster.host, cluster.port)
     lost = threading.Event()
-    detected: list[float] = []
-    events: list[sf.Event] = []
+    # The library's events and the test's own steps, in the order they happened.
+    timeline: list[object] = []
+    cut_when_lost: list[bool] = []
 
     def on_event(event: sf.Event) -> None:
-        events.append(event)
+        timeline.append(event)
         if isinstance(event, sf.FailureDetected) and not lost.is_set():
-            detected.append(time.monotonic())
+            cut_when_lost.append(partition.active)
             lost.set()
 
     def insert(raw: Any) -> str:
-        if isinstance(raw, psycopg.Connection):
-            raw.execute("INSERT INTO ledger VALUES ('partition')")
-        else:
-            raw.execute("INSERT INTO ledger VALUES ('partition')")
+        raw.execute("INSERT INTO ledger VALUES ('partition')")
         return "ok"
 
     results: list[object] = []
     # Default policy and default detection settings: nothing tuned.
     with sf.connect(info, driver=driver, on_event=on_event) as rc:
         assert rc.run(lambda raw: raw.execute("SELECT 1").fetchone()[0]) == 1
-        with Partition(cluster.host, cluster.port) as partition:
+        with partition:
             partition.start()
-            cut_at = time.monotonic()
+            timeline.append("partitioned")
             worker = threading.Thread(target=lambda: results.append(rc.run(insert)))
             worker.start()
-            # Generous wait so that a miss shows as a figure, not a hang.
-            assert lost.wait(BOUND + 30), "the partitioned session was never declared lost"
-            noticed_after = detected[0] - cut_at
+            assert lost.wait(WAIT), "the partitioned session was never declared lost"
             # The active node goes while the network is cut; the standby takes over.
             cluster.switchover()
+            timeline.append("switched over")
             partition.heal()
+            timeline.append("healed")
             worker.join(60)
         assert not worker.is_alive(), "run() did not finish after the partition healed"
     assert results == ["ok"]
-    print(f"{driver}: declared lost after {noticed_after:.1f} s")
-    assert noticed_after < BOUND, f"declared lost after {noticed_after:.1f} s"
-    reconnected = [e for e in events if isinstance(e, sf.Reconnected)]
+
+    # Declared lost by the session's own detection, while the network was still cut:
+    # after the cut, before the switchover and the heal.
+    assert cut_when_lost == [True]
+    detected = [e for e in timeline if isinstance(e, sf.FailureDetected)]
+    first = detected[0]
+    assert first.failure.kind is sf.Kind.CONNECTION_LOST
+    assert first.phase == "unit"  # nothing of the unit got through: BEGIN was lost
+    assert (
+        timeline.index("partitioned")
+        < timeline.index(first)
+        < timeline.index("switched over")
+        < timeline.index("healed")
+    )
+    # Then a new session on the other node, and the unit committed there, once.
+    reconnected = [e for e in timeline if isinstance(e, sf.Reconnected)]
     assert reconnected
     assert reconnected[-1].failover
+    assert timeline.index(reconnected[-1]) > timeline.index("healed")
     with psycopg.connect(cluster.conninfo()) as conn:
         assert conn.execute("SELECT count(*) FROM ledger").fetchone() == (1,)
