@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import socket
 import statistics
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +43,7 @@ from symfo_failover.harness import (
     container_available,
     partition_available,
 )
+from symfo_failover.harness._partition import unacked_segments
 
 try:
     import pyodbc
@@ -216,15 +215,6 @@ def _cut(proxy: FaultProxy, direct: str, via_port: int, via: str, rounds: int) -
 # --- raw partition detection --------------------------------------------------------------
 
 
-def _unacked(conn: psycopg.Connection[Any]) -> int:
-    sock = socket.socket(fileno=conn.pgconn.socket)
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    finally:
-        sock.detach()
-    return int(struct.unpack_from("I", info, 24)[0])  # tcpi_unacked
-
-
 def _keepalive_round(cluster: BaseCluster) -> float:
     conn = psycopg.connect(cluster.conninfo(**KEEPALIVES), autocommit=True)
     pid = conn.info.backend_pid
@@ -241,7 +231,7 @@ def _keepalive_round(cluster: BaseCluster) -> float:
         worker.start()
         query = "SELECT state FROM pg_stat_activity WHERE pid = %s"
         _wait_for(lambda: admin.execute(query, (pid,)).fetchone() == ("active",), 10, "running")
-    _wait_for(lambda: _unacked(conn) == 0, 5, "the query's ACK")
+    _wait_for(lambda: unacked_segments(conn.pgconn.socket) == 0, 5, "the query's ACK")
     partition = Partition(cluster.host, cluster.port)
     try:
         partition.start()

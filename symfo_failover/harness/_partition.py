@@ -142,3 +142,18 @@ def leftover_rules() -> list[str]:
 
 def _run(argv: list[str]) -> None:
     subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30)
+
+
+def unacked_segments(fileno: int) -> int:
+    """Segments sent on the TCP socket ``fileno`` that the peer has not acknowledged
+    (Linux ``TCP_INFO``'s ``tcpi_unacked``). A test waits for 0 before it cuts the
+    network, so that what keepalives see is an idle session, not a retransmission."""
+    import socket
+    import struct
+
+    sock = socket.socket(fileno=fileno)
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    finally:
+        sock.detach()
+    return int(struct.unpack_from("I", info, 24)[0])

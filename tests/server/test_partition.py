@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import struct
 import time
 
 import psycopg
@@ -12,22 +10,13 @@ import pytest
 from symfo_failover import Kind, classify
 from symfo_failover import _conformance as conformance
 from symfo_failover.harness import BaseCluster, Partition, leftover_rules, probe
+from symfo_failover.harness._partition import unacked_segments
 
 pytestmark = [pytest.mark.server, pytest.mark.partition]
 
 # Tuned keepalives, as in the DESIGN measurement: idle 1 s, interval 1 s, 2 probes.
 KEEPALIVES = {"keepalives": "1", "keepalives_idle": "1", "keepalives_interval": "1",
               "keepalives_count": "2"}
-
-
-def _unacked(conn: psycopg.Connection[object]) -> int:
-    """Segments the client sent that the server has not acknowledged (Linux TCP_INFO)."""
-    sock = socket.socket(fileno=conn.pgconn.socket)
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    finally:
-        sock.detach()
-    return int(struct.unpack_from("I", info, 24)[0])  # tcpi_unacked
 
 
 def test_keepalives_notice_a_partition_during_a_query(
@@ -40,7 +29,7 @@ def test_keepalives_notice_a_partition_during_a_query(
         # Keepalives only run on a connection with nothing unacknowledged; the query's
         # ACK may still be on its way (delayed ACK), so wait for it before cutting.
         deadline = time.monotonic() + 5
-        while _unacked(conn) and time.monotonic() < deadline:
+        while unacked_segments(conn.pgconn.socket) and time.monotonic() < deadline:
             time.sleep(0.01)
         symfo_partition.start()
 
