@@ -45,7 +45,8 @@ class UnitGuard:
         """The error for breaking ``rule`` by ``what``; the first one is kept."""
         error = self.error_class(
             f"{what}: {CONTRACT_RULES[rule]}; {_CONSEQUENCE}. run() begins and commits "
-            f"the transaction itself (rule {rule!r}, docs/resilient.md#the-contract)",
+            f"the transaction itself (rule {rule!r}; docs/resilient.md, the unit-of-work "
+            "contract)",
             rule=rule,
         )
         if self.violation is None:
