@@ -28,6 +28,7 @@ from ._decide import (
     Situation,
     Step,
     first_connect_failure,
+    is_login_question,
     next_step,
     resolve_commit,
 )
@@ -65,7 +66,6 @@ class _Again(Exception):
         self.phase = phase
 
 
-@dataclass
 class _SessionLostUnderUnit(Exception):
     """Internal: the unit returned, but its session had died under it."""
 
@@ -404,7 +404,8 @@ class ResilientConnection:
             phase = Phase.COMMIT
             driver.commit(raw)
         except Exception as exc:
-            if guard.violation is None and phase is Phase.UNIT and driver.closed_by_client(raw):
+            if guard.violation is None and phase is Phase.UNIT and \
+                    driver.unit_left(raw) == "closed":
                 # Closed behind the guard's back: a bug in the unit, not a lost session.
                 guard.refuse("closed-connection", "the connection was closed")
             if guard.violation is not None:
@@ -431,7 +432,7 @@ class ResilientConnection:
             failure = classify(None, connection=raw)
             raise _SessionLostUnderUnit(failure)
         elif state == "failed":
-            said = driver.last_error_text(raw)
+            said = ev.driver_message(driver.last_error_text(raw))
             guard.refuse("swallowed-error", "the transaction had failed when the unit "
                          "returned" + (f" (the server said: {said})" if said else ""))
         elif state == "ended":
@@ -442,7 +443,7 @@ class ResilientConnection:
     def _contract_broken(self, raw: Any, violation: UnitContractError, exc: Exception) -> None:
         """Roll back what the unit wrote and raise the rule it broke. Never retried."""
         driver = self._driver
-        if driver.is_broken(raw) or driver.closed_by_client(raw) or not self._rollback_quietly(raw):
+        if driver.is_broken(raw) or not self._rollback_quietly(raw):  # closed is broken too
             self._drop_session()
         if exc is violation:
             raise violation
@@ -605,7 +606,7 @@ class ResilientConnection:
         startup packet (authenticated where libpq would send the password too) gets
         the server's own SQLSTATE, in any server language.
         """
-        if failure.kind is not Kind.CONNECT_FAILED and failure.rule != NO_SQLSTATE_AUTH.code:
+        if not is_login_question(failure):
             return LoginVerdict(failure)
         target = self._target
         answers = []

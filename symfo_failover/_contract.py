@@ -111,7 +111,7 @@ def transaction_control(sql: str) -> str | None:
     return None
 
 
-def refuse_coroutine_function(fn: object, *, flavour: str = "sync") -> None:
+def refuse_coroutine_function(fn: object) -> None:
     """``TypeError`` for an ``async def`` unit given to the sync ``run()``."""
     if type(fn) is types.FunctionType and not fn.__code__.co_flags & _ASYNC_FLAGS:
         return  # the common case first: a run() pays for this check
@@ -119,7 +119,7 @@ def refuse_coroutine_function(fn: object, *, flavour: str = "sync") -> None:
         raise TypeError(f"run() needs a function, not {type(fn).__name__}")
     if _is_async(fn):
         raise TypeError(
-            f"run() of a {flavour} connection was given a coroutine function "
+            "run() of a sync connection was given a coroutine function "
             f"({_name(fn)}): it would return an un-awaited coroutine and commit nothing. "
             "Give it a plain function, or use connect_async() and await run()"
         )
@@ -145,9 +145,6 @@ _ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
 
 def _is_async(fn: object) -> bool:
-    if type(fn) is types.FunctionType and not hasattr(fn, "_is_coroutine_marker"):
-        # The common case, without inspect's unwrapping (a run() pays for this).
-        return bool(fn.__code__.co_flags & _ASYNC_FLAGS)
     if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
         return True
     call = getattr(type(fn), "__call__", None)  # noqa: B004 - a callable object's method

@@ -163,6 +163,11 @@ class LoginVerdict:
 SERVER_UP = "connect failed, server up"
 
 
+def is_login_question(failure: Failure) -> bool:
+    """A failed connect that may be the login's fault rather than a server's absence."""
+    return failure.kind is Kind.CONNECT_FAILED or failure.rule == NO_SQLSTATE_AUTH.code
+
+
 def first_connect_failure(
     failure: Failure, answers: Sequence[ProbeAnswer], *, driver_text: str = ""
 ) -> LoginVerdict:
@@ -172,7 +177,7 @@ def first_connect_failure(
     alike (psqlODBC: 08001 for all; psycopg: no SQLSTATE), so the servers are asked
     with a startup packet, which gives the server's own SQLSTATE in any language.
     """
-    if failure.kind is not Kind.CONNECT_FAILED and failure.rule != NO_SQLSTATE_AUTH.code:
+    if not is_login_question(failure):
         return LoginVerdict(failure)
     said = f" Driver said: {driver_text}" if driver_text else ""
     for answer in answers:

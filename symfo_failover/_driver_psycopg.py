@@ -253,21 +253,14 @@ class PsycopgDriver(_t.DriverBase):
         raw._symfo_guard = None
         raw.cursor_factory = raw._symfo_cursor_factory
 
-    def transaction_state(self, raw: Any) -> str | None:
-        return _TRANSACTION_STATES.get(raw.pgconn.transaction_status)
-
     def unit_left(self, raw: Any) -> str | None:
         pgconn = raw.pgconn
         if pgconn.status == _BAD:
             return "lost" if raw.broken else "closed"
         return _TRANSACTION_STATES.get(pgconn.transaction_status)
 
-    def closed_by_client(self, raw: Any) -> bool:
-        return bool(raw.closed and not raw.broken)
-
     def last_error_text(self, raw: Any) -> str:
-        text: bytes = raw.pgconn.error_message or b""
-        return text.decode(errors="replace").strip().splitlines()[0][:300] if text else ""
+        return bytes(raw.pgconn.error_message or b"").decode(errors="replace")
 
     def query_one(self, raw: Any, sql: str, *params: Any) -> tuple[Any, ...] | None:
         row = raw.execute(sql, params or None).fetchone()

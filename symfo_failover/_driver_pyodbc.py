@@ -402,18 +402,12 @@ class PyodbcDriver(_t.DriverBase):
     def reclaim(self, raw: Any, guard: UnitGuard) -> None:
         return None
 
-    def transaction_state(self, raw: Any) -> str | None:
-        # Unknown locally. With statement-level rollback a failed statement never
-        # fails the transaction, and the statements that end it are refused.
-        return None
-
     def unit_left(self, raw: Any) -> str | None:
+        # The transaction's state is unknown locally. With statement-level rollback a
+        # failed statement never fails it, and the statements that end it are refused.
         if getattr(raw, "closed", False):
             return "closed"
         return "lost" if is_broken(raw) else None
-
-    def closed_by_client(self, raw: Any) -> bool:
-        return bool(getattr(raw, "closed", False))
 
     def last_error_text(self, raw: Any) -> str:
         return ""
