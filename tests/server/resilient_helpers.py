@@ -10,13 +10,26 @@ from typing import Any, ClassVar
 import psycopg
 
 import symfo_failover as sf
-from symfo_failover.harness import LocalCluster
+from symfo_failover.harness import LocalCluster, LocalServer
+
+#: libpq's key names, as psqlODBC spells them.
+_ODBC_KEYS = {"dbname": "Database", "user": "Uid", "password": "Pwd", "host": "Server",
+              "port": "Port"}
 
 
-def conninfo(driver: str, cluster: LocalCluster, host: str, port: int, **extra: str) -> str:
+def conninfo(
+    driver: str, cluster: LocalCluster | LocalServer, host: str | None = None,
+    port: int | None = None, **libpq: str,
+) -> str:
+    """A libpq (psycopg) or ODBC (pyodbc) connection string to ``cluster``; ``host``,
+    ``port`` and the other keys are given with libpq's names for either driver."""
+    if host is not None:
+        libpq["host"] = host
+    if port is not None:
+        libpq["port"] = str(port)
     if driver == "psycopg":
-        return cluster.conninfo(host=host, port=str(port), **extra)
-    return cluster.odbc_connection_string(Server=host, Port=str(port), **extra)
+        return cluster.conninfo(**libpq)
+    return cluster.odbc_connection_string(**{_ODBC_KEYS[k]: v for k, v in libpq.items()})
 
 
 def exe(raw: Any, sql: str, *params: Any) -> Any:

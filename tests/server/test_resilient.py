@@ -132,8 +132,7 @@ def test_commit_outcome_unknown_when_the_server_cannot_say(
         conn.execute("GRANT ALL ON ledger, counter TO app")
         conn.execute("REVOKE EXECUTE ON FUNCTION pg_xact_status(xid8) FROM PUBLIC")
     rec = Recorder()
-    info = conninfo(driver, cluster, proxy.host, proxy.port,
-                    **({"user": "app"} if driver == "psycopg" else {"Uid": "app"}))
+    info = conninfo(driver, cluster, proxy.host, proxy.port, user="app")
     with sf.connect(info, driver=driver, policy=FAST, on_event=rec) as rc:
         proxy.arm_commit_drop()
         unit = Unit("unknown")
@@ -425,8 +424,7 @@ def test_wrong_password_fails_at_once(driver: str) -> None:
     rec = Recorder()
     with LocalCluster(password="right") as cl:
         cl.start()
-        info = (cl.conninfo(password="wrong") if driver == "psycopg"
-                else cl.odbc_connection_string(Pwd="wrong"))
+        info = conninfo(driver, cl, password="wrong")
         with pytest.raises(psycopg.OperationalError if driver == "psycopg"
                            else pyodbc.Error) as raised:
             sf.connect(info, driver=driver, on_event=rec)
@@ -439,14 +437,19 @@ def test_wrong_password_fails_at_once(driver: str) -> None:
 
 
 def test_a_missing_database_fails_at_once(driver: str, cluster: LocalCluster) -> None:
+    """A trust server: it says the database is missing, and the message says only that."""
     rec = Recorder()
-    info = (cluster.conninfo(dbname="nosuchdb") if driver == "psycopg"
-            else cluster.odbc_connection_string(database="nosuchdb"))
-    with pytest.raises(psycopg.Error if driver == "psycopg" else pyodbc.Error) as raised:
+    info = conninfo(driver, cluster, dbname="nosuchdb")
+    with pytest.raises(psycopg.OperationalError if driver == "psycopg" else pyodbc.Error
+                       ) as raised:
         sf.connect(info, driver=driver, on_event=rec)
     failure = raised.value.failure  # type: ignore[attr-defined]
     assert failure.rule == "connect failed, server up"
     assert "3D000" in failure.message
+    assert failure.sqlstate == "3D000"
+    assert failure.condition == "invalid_catalog_name"
+    assert "connection refused" not in failure.message.lower()
+    assert "28P01" not in failure.message
     assert len(rec.of(sf.FailureDetected)) == 1
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import pyodbc
 import pytest
-from resilient_helpers import Recorder, exe
+from resilient_helpers import Recorder, conninfo, exe
 
 import symfo_failover as sf
 from symfo_failover._probe import probe
@@ -60,7 +60,7 @@ def table(server: LocalServer) -> Table:
 
 @pytest.fixture
 def rc(driver: str, server: LocalServer) -> Iterator[sf.ResilientConnection]:
-    info = server.conninfo() if driver == "psycopg" else server.odbc_connection_string()
+    info = conninfo(driver, server)
     with sf.connect(info, driver=driver, policy=FAST) as conn:
         yield conn
 
@@ -185,7 +185,7 @@ def test_a_unit_that_closes_its_connection_is_not_taken_for_a_failover(
     driver: str, server: LocalServer, table: Table
 ) -> None:
     rec = Recorder()
-    info = server.conninfo() if driver == "psycopg" else server.odbc_connection_string()
+    info = conninfo(driver, server)
     with sf.connect(info, driver=driver, policy=FAST, on_event=rec) as rc:
         unit = broken(rc, _ends_then_writes(table, lambda raw: raw.close()), "closed-connection")
     assert unit.runs == 1, "no retry storm"
@@ -312,13 +312,6 @@ def locked() -> Iterator[LocalCluster]:
         yield cluster
 
 
-def _info(driver: str, cluster: LocalCluster | LocalServer, **kw: str) -> str:
-    if driver == "psycopg":
-        return cluster.conninfo(**kw)
-    odbc = {"dbname": "Database", "user": "Uid", "password": "Pwd"}
-    return cluster.odbc_connection_string(**{odbc[k]: v for k, v in kw.items()})
-
-
 @pytest.mark.parametrize(("change", "sqlstate"), [
     ({"password": "wrong"}, "28P01"),
     ({"dbname": "nosuchdb"}, "3D000"),
@@ -331,7 +324,7 @@ def test_a_refused_login_says_what_the_server_said(
     rec = Recorder()
     with pytest.raises(psycopg.OperationalError if driver == "psycopg" else pyodbc.Error
                        ) as raised:
-        sf.connect(_info(driver, locked, **change), driver=driver, on_event=rec)
+        sf.connect(conninfo(driver, locked, **change), driver=driver, on_event=rec)
     failure = raised.value.failure  # type: ignore[attr-defined]
     assert failure.sqlstate == sqlstate
     assert not failure.retryable
@@ -342,21 +335,6 @@ def test_a_refused_login_says_what_the_server_said(
     assert rec.of(sf.FailureDetected)[0].failure.sqlstate == sqlstate
 
 
-def test_a_trust_server_says_the_database_is_missing_without_contradiction(
-    driver: str, server: LocalServer
-) -> None:
-    info = (server.conninfo(dbname="nosuchdb") if driver == "psycopg"
-            else server.odbc_connection_string(database="nosuchdb"))
-    with pytest.raises(psycopg.OperationalError if driver == "psycopg" else pyodbc.Error
-                       ) as raised:
-        sf.connect(info, driver=driver)
-    failure = raised.value.failure  # type: ignore[attr-defined]
-    assert failure.sqlstate == "3D000"
-    assert failure.condition == "invalid_catalog_name"
-    assert "connection refused" not in failure.message.lower()
-    assert "28P01" not in failure.message
-
-
 def test_a_port_where_nothing_listens_says_so_at_once(
     driver: str, server: LocalServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -365,8 +343,7 @@ def test_a_port_where_nothing_listens_says_so_at_once(
     port = server.port + 1 if server.port < 65535 else server.port - 1
     while probe(server.host, port).state != "refused":
         port -= 1
-    info = (server.conninfo(port=str(port)) if driver == "psycopg"
-            else server.odbc_connection_string(Port=str(port)))
+    info = conninfo(driver, server, port=str(port))
     caplog.set_level(logging.DEBUG, logger="symfo_failover")
     with pytest.raises(sf.RetriesExhausted):
         sf.connect(info, driver=driver, policy=sf.RetryPolicy(deadline=0.5))
@@ -401,7 +378,7 @@ def test_a_lost_session_the_unit_swallowed_is_run_again_not_committed(
     """The session dies under the unit, which catches the error and returns: nothing
     was committed, so it is a lost session like any other, and the unit runs again."""
     rec = Recorder()
-    info = server.conninfo() if driver == "psycopg" else server.odbc_connection_string()
+    info = conninfo(driver, server)
     with sf.connect(info, driver=driver, policy=FAST, on_event=rec) as rc:
         def unit(raw: Any) -> str:
             table.insert(raw, f"run{counted.runs}")
@@ -502,11 +479,8 @@ def test_every_public_error_raised_for_real_pickles(driver: str) -> None:
             conn.execute("GRANT ALL ON ledger TO app")
             conn.execute("REVOKE EXECUTE ON FUNCTION pg_xact_status(xid8) FROM PUBLIC")
         with FaultProxy(cluster.host, cluster.port) as proxy:
-            user = {"user": "app"} if driver == "psycopg" else {"Uid": "app"}
-            info = (cluster.conninfo(host=proxy.host, port=str(proxy.port), **user)
-                    if driver == "psycopg" else
-                    cluster.odbc_connection_string(Server=proxy.host, Port=str(proxy.port),
-                                                   **user))
+            info = conninfo(driver, cluster, host=proxy.host, port=str(proxy.port),
+                               user="app")
             with sf.connect(info, driver=driver, policy=FAST) as rc:
                 with pytest.raises(sf.UnitContractError) as contract:
                     rc.run(lambda raw: rc.run(lambda inner: None))
