@@ -14,6 +14,7 @@ from ._events import (
     GaveUp,
     ReconnectAttempt,
     Reconnected,
+    UnitInterrupted,
     UnitReplayed,
 )
 from ._kind import Failure, Kind
@@ -38,6 +39,7 @@ __all__ = [
     "RetryPolicy",
     "SessionInfo",
     "UnitContractError",
+    "UnitInterrupted",
     "UnitReplayed",
     "__version__",
     "classify",

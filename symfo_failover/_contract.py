@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import re
 import types
+from typing import Any
 
 from ._errors import CONTRACT_RULES, UnitContractError
 
@@ -111,18 +112,42 @@ def transaction_control(sql: str) -> str | None:
     return None
 
 
-def refuse_coroutine_function(fn: object) -> None:
+def refuse_coroutine_function(fn: object, what: str = "run()") -> None:
     """``TypeError`` for an ``async def`` unit given to the sync ``run()``."""
     if type(fn) is types.FunctionType and not fn.__code__.co_flags & _ASYNC_FLAGS:
         return  # the common case first: a run() pays for this check
     if not callable(fn):
-        raise TypeError(f"run() needs a function, not {type(fn).__name__}")
+        raise TypeError(f"{what} needs a function, not {type(fn).__name__}")
     if _is_async(fn):
         raise TypeError(
-            "run() of a sync connection was given a coroutine function "
+            f"{what} of a sync connection was given a coroutine function "
             f"({_name(fn)}): it would return an un-awaited coroutine and commit nothing. "
             "Give it a plain function, or use connect_async() and await run()"
         )
+
+
+def refuse_sync_function(fn: object, what: str = "run()") -> None:
+    """``TypeError`` for what the async ``run()`` cannot await, before anything runs:
+    not callable, a generator or async generator function. A plain function may still
+    return an awaitable (a lambda around a coroutine function): `require_awaitable`
+    checks its result."""
+    if not callable(fn):
+        raise TypeError(f"{what} needs a function, not {type(fn).__name__}")
+    code = getattr(fn, "__code__", None)
+    if code is not None and code.co_flags & (inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR):
+        raise TypeError(
+            f"{what} of an async connection was given a generator function ({_name(fn)}): "
+            "give it an async def function")
+
+
+def require_awaitable(result: object, fn: object) -> Any:
+    """The async ``run()``'s check of what a unit returned: it must be awaitable."""
+    if inspect.isawaitable(result):
+        return result
+    raise TypeError(
+        f"run() of an async connection was given {_name(fn)}, which returned "
+        f"{type(result).__name__}, not an awaitable: give it an async def function "
+        "(nothing was committed)")
 
 
 _PLAIN_RESULTS = frozenset({int, str, bytes, float, bool, tuple, list, dict, set})

@@ -36,6 +36,9 @@ class Step(enum.Enum):
     RESOLVE = "resolve"
     #: Give the failure to the caller.
     RAISE = "raise"
+    #: Return the unit's result: a read-only unit lost the reply to COMMIT, and had
+    #: nothing to commit.
+    RETURN = "return"
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class Situation:
     fresh_session: bool = False
     #: The unit already ran again once because of a lost prepared statement (26000).
     state_lost_retried: bool = False
+    #: The transaction has an id (False: a read-only unit, which writes nothing).
+    has_xid: bool = True
 
 
 def next_step(failure: Failure, situation: Situation) -> Step:
@@ -60,8 +65,9 @@ def next_step(failure: Failure, situation: Situation) -> Step:
     session_gone = failure.reconnect or not situation.session_usable
     if phase is Phase.COMMIT and (session_gone or failure.sqlstate is None):
         # No answer to COMMIT from a live server: it may have committed. Only the
-        # server can tell (pg_xact_status); never guess.
-        return Step.RESOLVE
+        # server can tell (pg_xact_status); never guess. A read-only unit wrote
+        # nothing: whatever became of its COMMIT, its result stands.
+        return Step.RESOLVE if situation.has_xid else Step.RETURN
 
     # The server answered with an error, or the session died before COMMIT was sent:
     # either way the transaction was rolled back.
@@ -134,6 +140,36 @@ def resolve_commit(evidence: CommitEvidence) -> Resolution:
         # not us, and had we committed the id could not have been reused.
         return Resolution.ABORTED
     return Resolution.UNKNOWN
+
+
+#: What `run()` does with each resolution (the ``outcome`` of `CommitResolved`).
+OUTCOME = {
+    Resolution.COMMITTED: "returned",
+    Resolution.ABORTED: "replayed",
+    Resolution.UNKNOWN: "raised",
+    Resolution.END_OLD_SESSION: "asked again",
+}
+
+
+def unknown_outcome_reason(evidence: CommitEvidence, xid: str) -> str:
+    """Why `resolve_commit` said UNKNOWN, for `CommitOutcomeUnknown`'s message."""
+    if evidence.status == "committed":
+        return (f"transaction {xid} shows as committed, but the server restarted in "
+                "between and may have handed the id out again, so that answer may be "
+                "another transaction's")
+    return f"pg_xact_status({xid}) gave no answer ({evidence.status!r})"
+
+
+def connect_failure(failure: Failure, *, connected_before: bool) -> Failure:
+    """A failed connect, read in the light of whether these settings worked before.
+
+    libpq's "failed after the server asked for a password" (no SQLSTATE) is what a
+    wrong password gives, and also what a server shutting down mid-handshake gives.
+    Once a session was made with the same settings it is the second: retry.
+    """
+    if connected_before and failure.rule == NO_SQLSTATE_AUTH.code:
+        return replace(failure, kind=Kind.CONNECT_FAILED, retryable=True)
+    return failure
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,28 @@ class CommitResolved(Event):
 
 
 @dataclass(frozen=True)
+class UnitInterrupted(Event):
+    """A `run()` was interrupted: a task was cancelled (``asyncio.timeout``,
+    ``task.cancel()``, a client that went away) or Ctrl-C was pressed. The call
+    raises the interruption after this event.
+
+    ``phase``: where the call was (``connect``, ``unit``, ``commit``). ``outcome``:
+    what became of the unit: ``not begun``, ``rolled back`` (nothing committed),
+    ``committed`` (the COMMIT was in flight and was let finish) or ``unknown`` (the
+    COMMIT did not finish in time, or a lost COMMIT was being asked about: look up
+    ``xid`` with ``pg_xact_status``).
+    """
+
+    name: ClassVar[str] = "unit_interrupted"
+    level: ClassVar[str] = "warning"
+
+    phase: str
+    xid: str | None
+    outcome: str
+    interruption: str
+
+
+@dataclass(frozen=True)
 class GaveUp(Event):
     """The policy ran out; the call raises."""
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from psycopg.conninfo import conninfo_to_dict
 
 import symfo_failover as sf
-from symfo_failover._connection import _driver
+from symfo_failover._connection import load_driver as _driver
 from symfo_failover._driver_psycopg import PsycopgDriver
 from symfo_failover._driver_pyodbc import PyodbcDriver, parse_connection_string
 from symfo_failover._errors import flavoured, outcome_unknown_failure
