@@ -4,6 +4,7 @@ The public API is listed in ``__all__``; every other module is private.
 """
 
 
+from ._aconnection import AsyncResilientConnection, connect_async
 from ._classify import classify, sqlstate_of
 from ._connection import ResilientConnection, connect
 from ._errors import CommitOutcomeUnknown, FailoverError, RetriesExhausted, UnitContractError
@@ -24,6 +25,7 @@ from ._target import SessionInfo
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncResilientConnection",
     "CommitOutcomeUnknown",
     "CommitResolved",
     "Event",
@@ -44,5 +46,6 @@ __all__ = [
     "__version__",
     "classify",
     "connect",
+    "connect_async",
     "sqlstate_of",
 ]

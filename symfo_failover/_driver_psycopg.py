@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import psycopg
-from psycopg import IsolationLevel
+from psycopg import IsolationLevel, generators
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import ConnStatus, DiagnosticField, ExecStatus, TransactionStatus
@@ -313,3 +313,151 @@ def _endpoints(params: Mapping[str, Any]) -> tuple[_t.Endpoint, ...]:
         if host:  # without a host libpq picks its own socket directory: not probed
             result.append(_t.Endpoint(host.strip(), port))
     return tuple(result)
+
+
+# --- the same interface for psycopg's AsyncConnection ----------------------------------
+# The local facts (broken, transaction state, what a unit left, lending) are the sync
+# adapter's: they read attributes, not the network. What talks to the server is async.
+
+
+class GuardedAsyncConnection(psycopg.AsyncConnection[Any]):
+    """`GuardedConnection` for ``psycopg.AsyncConnection``."""
+
+    _symfo_guard: UnitGuard | None = None
+
+    async def commit(self) -> None:
+        if self._symfo_guard is not None:
+            raise self._symfo_guard.refuse("ended-transaction", "commit() was called")
+        await super().commit()
+
+    async def rollback(self) -> None:
+        if self._symfo_guard is not None:
+            raise self._symfo_guard.refuse("ended-transaction", "rollback() was called")
+        await super().rollback()
+
+    async def close(self) -> None:
+        if self._symfo_guard is not None:
+            raise self._symfo_guard.refuse("closed-connection", "close() was called")
+        await super().close()
+
+    async def set_autocommit(self, value: bool) -> None:
+        if self._symfo_guard is not None:
+            raise self._symfo_guard.refuse("ended-transaction", "autocommit was set")
+        await super().set_autocommit(value)
+
+    async def tpc_begin(self, xid: Any) -> None:
+        if self._symfo_guard is not None:
+            raise self._symfo_guard.refuse("ended-transaction", "tpc_begin() was called")
+        await super().tpc_begin(xid)
+
+    async def tpc_prepare(self) -> None:
+        if self._symfo_guard is not None:
+            raise self._symfo_guard.refuse("ended-transaction", "tpc_prepare() was called")
+        await super().tpc_prepare()
+
+
+class _AsyncStatementGuard:
+    """`_StatementGuard` for async cursors."""
+
+    connection: Any
+
+    async def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        _check(self.connection, query)
+        return await super().execute(query, params, **kwargs)  # type: ignore[misc]
+
+    async def executemany(self, query: Any, params_seq: Iterable[Any], **kwargs: Any) -> Any:
+        _check(self.connection, query)
+        return await super().executemany(query, params_seq, **kwargs)  # type: ignore[misc]
+
+
+@functools.lru_cache(maxsize=16)
+def _guarded_async_cursor(cls: type[Any]) -> type[Any]:
+    if issubclass(cls, _AsyncStatementGuard):
+        return cls
+    return type(f"Guarded{cls.__name__}", (_AsyncStatementGuard, cls), {})
+
+
+class AsyncPsycopgDriver(PsycopgDriver):
+    """The psycopg adapter for ``AsyncConnection``: the I/O methods are coroutines."""
+
+    async def connect(self, target: _t.Target) -> Any:
+        return await GuardedAsyncConnection.connect(**target.connect_args, autocommit=True)
+
+    async def close(self, raw: Any) -> None:  # type: ignore[override]
+        await psycopg.AsyncConnection.close(raw)
+
+    async def query_one(  # type: ignore[override]
+        self, raw: Any, sql: str, *params: Any
+    ) -> tuple[Any, ...] | None:
+        cur = await raw.execute(sql, params or None)
+        row = await cur.fetchone()
+        return None if row is None else tuple(row)
+
+    async def session_info(self, raw: Any) -> _t.SessionInfo:  # type: ignore[override]
+        row = await self.query_one(raw, _t.SESSION_INFO_SQL)
+        assert row is not None
+        return _t.SessionInfo(int(row[0]), str(row[1]), str(row[2]))
+
+    async def xact_status(self, raw: Any, xid: str) -> str | None:  # type: ignore[override]
+        try:
+            row = await self.query_one(raw, _t.XACT_STATUS_SQL, xid)
+        except psycopg.Error as exc:
+            if sqlstate_of(exc) == _t.XID_IN_FUTURE and not self.is_broken(raw):
+                return "future"
+            raise
+        return None if row is None or row[0] is None else str(row[0])
+
+    async def end_session(  # type: ignore[override]
+        self, raw: Any, old: _t.SessionInfo
+    ) -> bool:
+        row = await self.query_one(raw, _t.END_SESSION_SQL, old.backend_pid, old.backend_start)
+        return bool(row and row[0])
+
+    async def apply_state(  # type: ignore[override]
+        self, raw: Any, state: _t.SessionState
+    ) -> None:
+        await psycopg.AsyncConnection.set_autocommit(raw, state.autocommit)
+        level = state.isolation_level
+        await raw.set_isolation_level(
+            IsolationLevel[level.upper().replace(" ", "_")] if level else None)
+        await raw.set_read_only(state.read_only)
+
+    async def set_autocommit(self, raw: Any, value: bool) -> None:  # type: ignore[override]
+        await psycopg.AsyncConnection.set_autocommit(raw, value)
+
+    async def begin(  # type: ignore[override]
+        self, raw: Any, state: _t.SessionState
+    ) -> str | None:
+        # As the sync adapter: one simple-protocol round trip, past the cursor machinery,
+        # under the connection's lock as psycopg's own commands are.
+        want_xid = not state.read_only
+        pgconn = raw.pgconn
+        async with raw.lock:
+            pgconn.send_query(_t.begin_sql_bytes(state, want_xid))
+            results = await raw.wait(generators.execute(pgconn))
+        result = results[-1]
+        expected = ExecStatus.TUPLES_OK if want_xid else ExecStatus.COMMAND_OK
+        for each in results:
+            if each.status not in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK):
+                raise _error(raw, each)
+        if result.status != expected:
+            raise _error(raw, result)
+        return result.get_value(0, 0).decode() if want_xid else None
+
+    async def commit(self, raw: Any) -> None:  # type: ignore[override]
+        await psycopg.AsyncConnection.commit(raw)
+
+    async def rollback(self, raw: Any) -> None:  # type: ignore[override]
+        await psycopg.AsyncConnection.rollback(raw)
+
+    def lend(self, raw: Any, guard: UnitGuard) -> Any:
+        raw._symfo_guard = guard
+        factory = raw.cursor_factory
+        raw._symfo_cursor_factory = factory
+        raw.cursor_factory = _guarded_async_cursor(factory)
+        return raw
+
+    async def execute(
+        self, raw: Any, query: Any, params: Any, kwargs: Mapping[str, Any]
+    ) -> Any:
+        return await raw.execute(query, params, **kwargs)
