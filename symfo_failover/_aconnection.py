@@ -15,19 +15,28 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    Generic,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+    overload,
+)
 
 from . import _core
 from . import _events as ev
 from ._classify import classify
-from ._connection import PROBE_TIMEOUT, load_driver, make_core
+from ._connection import PROBE_TIMEOUT, make_core
 from ._contract import refuse_sync_function, require_awaitable
 from ._core import Core, Flow, Job
 from ._decide import Phase, Situation, Step, next_step
 from ._errors import UnitContractError
 from ._policy import RetryPolicy
 from ._probe import probe
-from ._target import SessionInfo, normalise_isolation
+from ._target import AsyncDriver, SessionInfo, Target, normalise_isolation
 
 if TYPE_CHECKING:
     import psycopg
@@ -39,12 +48,19 @@ _P = ParamSpec("_P")
 C = TypeVar("C")
 
 
+class AsyncSessionSource(Protocol):
+    """`_core.SessionSource` for the async runner: the same seam, awaited."""
+
+    async def connect(self) -> Any: ...
+    async def discard(self, raw: Any) -> None: ...
+
+
 class AsyncDriverSource:
     """The plain session source for the async runner: the driver's connect and close."""
 
     __slots__ = ("_driver", "_target")
 
-    def __init__(self, driver: Any, target: Any) -> None:
+    def __init__(self, driver: AsyncDriver[Any], target: Target) -> None:
         self._driver = driver
         self._target = target
 
@@ -68,14 +84,15 @@ class AsyncResilientConnection(Generic[C]):
     def __init__(
         self,
         core: Core,
+        driver: AsyncDriver[Any],
         *,
         configure: Callable[[Any], object] | None = None,
-        source: Any = None,
+        source: AsyncSessionSource | None = None,
     ) -> None:
         self._core = core
-        self._driver: Any = core.driver
+        self._driver = driver
         self._configure = configure
-        self._source = source or AsyncDriverSource(core.driver, core.target)
+        self._source = source or AsyncDriverSource(driver, core.target)
         self._lock = asyncio.Lock()
         self._ops = self._operations()
 
@@ -275,8 +292,16 @@ class AsyncResilientConnection(Generic[C]):
 
     async def _call_unit(self, job: Job, lent: Any) -> Any:
         fn, args, kwargs = job
-        self._core.link.guard_owner = asyncio.current_task()
-        return await require_awaitable(fn(lent, *args, **kwargs), fn)
+        task = asyncio.current_task()
+        self._core.link.guard_owner = task
+        before = _cancelling(task)
+        result = await require_awaitable(fn(lent, *args, **kwargs), fn)
+        if _cancelling(task) > before:
+            # The unit caught its task's cancellation and returned: the cancellation
+            # is not swallowed here. Nothing is committed; it goes on to the caller.
+            raise asyncio.CancelledError("the unit of work returned after its task "
+                                         "was cancelled; nothing was committed")
+        return result
 
     async def _commit(self, raw: Any) -> None:
         """COMMIT, shielded: a cancellation while it is in flight lets it finish (within
@@ -355,6 +380,12 @@ class AsyncResilientConnection(Generic[C]):
             raise self._driver.closed_error()
 
 
+def _cancelling(task: asyncio.Task[Any] | None) -> int:
+    """How many cancellations of ``task`` are pending (Python 3.11+; 0 before)."""
+    count = getattr(task, "cancelling", None)
+    return int(count()) if count is not None else 0
+
+
 async def _ready(value: _T) -> _T:
     return value
 
@@ -382,8 +413,16 @@ async def connect_async(
             raise ValueError(
                 f"connect_async() supports the psycopg driver only, not {driver!r}: "
                 "pyodbc has no async API (use connect(..., driver='pyodbc') in a thread)")
-    core = make_core(load_driver("psycopg", asynchronous=True), conninfo, policy=policy,
+    try:
+        from ._driver_psycopg import AsyncPsycopgDriver
+    except ImportError as exc:
+        raise ImportError(
+            f"psycopg is not installed: pip install 'symfo-failover[psycopg]' ({exc})"
+        ) from exc
+    adapter = AsyncPsycopgDriver()
+    core = make_core(adapter, conninfo, policy=policy,
                      configure=configure, on_event=on_event, kwargs=kwargs)
-    conn: AsyncResilientConnection[Any] = AsyncResilientConnection(core, configure=configure)
+    conn: AsyncResilientConnection[Any] = AsyncResilientConnection(
+        core, adapter, configure=configure)
     await conn._connect_with_retries()
     return conn

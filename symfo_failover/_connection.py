@@ -22,7 +22,7 @@ from ._core import Core, Flow, Job
 from ._errors import UnitContractError
 from ._policy import DEFAULT_POLICY, RetryPolicy
 from ._probe import probe
-from ._target import Driver, SessionInfo, SessionState, normalise_isolation
+from ._target import Driver, Facts, SessionInfo, SessionState, Target, normalise_isolation
 
 if TYPE_CHECKING:
     import psycopg
@@ -38,19 +38,19 @@ DRIVERS = ("psycopg", "pyodbc")
 PROBE_TIMEOUT = 1.0
 
 
-class DriverSource:
+class DriverSource(Generic[C]):
     """The plain session source: the driver's own connect and close."""
 
     __slots__ = ("_driver", "_target")
 
-    def __init__(self, driver: Driver, target: Any) -> None:
+    def __init__(self, driver: Driver[C], target: Target) -> None:
         self._driver = driver
         self._target = target
 
-    def connect(self) -> Any:
+    def connect(self) -> C:
         return self._driver.connect(self._target)
 
-    def discard(self, raw: Any) -> None:
+    def discard(self, raw: C) -> None:
         self._driver.close(raw)
 
 
@@ -65,14 +65,15 @@ class ResilientConnection(Generic[C]):
     def __init__(
         self,
         core: Core,
+        driver: Driver[C],
         *,
-        configure: Callable[[Any], object] | None = None,
+        configure: Callable[[C], object] | None = None,
         source: _core.SessionSource | None = None,
     ) -> None:
         self._core = core
-        self._driver = core.driver
+        self._driver = driver
         self._configure = configure
-        self._source = source or DriverSource(core.driver, core.target)
+        self._source = source or DriverSource(driver, core.target)
         self._lock = threading.RLock()
         self._ops = self._operations()
 
@@ -142,7 +143,7 @@ class ResilientConnection(Generic[C]):
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
         """A cursor of the current driver connection (a new session if the last was lost)."""
-        return self._passthrough(lambda raw: raw.cursor(*args, **kwargs), opens=True)
+        return self._passthrough(lambda raw: _dbapi(raw).cursor(*args, **kwargs), opens=True)
 
     @overload
     def execute(self: ResilientConnection[psycopg.Connection[Row]], query: Any,
@@ -180,7 +181,7 @@ class ResilientConnection(Generic[C]):
                 raise
 
     def commit(self) -> None:
-        self._passthrough(lambda raw: raw.commit(), opens=False)
+        self._passthrough(lambda raw: _dbapi(raw).commit(), opens=False)
 
     def rollback(self) -> None:
         """Roll back. On a lost session there is nothing to roll back: the server did."""
@@ -300,11 +301,11 @@ class ResilientConnection(Generic[C]):
         }
         return [table[i] for i in range(_core.N_OPS)]
 
-    def _run_configure(self, raw: Any) -> None:
+    def _run_configure(self, raw: C) -> None:
         assert self._configure is not None
         self._configure(raw)
 
-    def _passthrough(self, op: Callable[[Any], _T], *, opens: bool) -> _T:
+    def _passthrough(self, op: Callable[[C], _T], *, opens: bool) -> _T:
         """``op(raw)`` on the current session. ``opens``: it may open a transaction
         (statements, cursors); commit and rollback end it."""
         with self._lock:
@@ -312,7 +313,7 @@ class ResilientConnection(Generic[C]):
             if core.link.guard is not None:
                 raise self._in_unit("a passthrough call")
             self._check_open()
-            raw = self._drive(core.passthrough_session())
+            raw: C = self._drive(core.passthrough_session())
             try:
                 core.link.maybe_in_transaction = opens and not core.state.autocommit
                 return op(raw)
@@ -320,8 +321,9 @@ class ResilientConnection(Generic[C]):
                 self._drive(core.passthrough_failed(raw, exc))
                 raise
 
-    def _connect_with_retries(self) -> Any:
-        return self._drive(self._core.connect())
+    def _connect_with_retries(self) -> C:
+        raw: C = self._drive(self._core.connect())
+        return raw
 
     def _in_unit(self, what: str) -> UnitContractError:
         guard = self._core.link.guard
@@ -331,6 +333,11 @@ class ResilientConnection(Generic[C]):
     def _check_open(self) -> None:
         if self._core.link.closed:
             raise self._driver.closed_error()
+
+
+def _dbapi(raw: object) -> Any:
+    """The session as the DB-API object it is (cursor, commit: as each driver has them)."""
+    return raw
 
 
 def _call_unit(job: Job, lent: Any) -> Any:
@@ -380,17 +387,18 @@ def connect(
     Connects at once: a bad connection string, an unknown driver or a wrong password
     raise here without retrying; a server that is down is retried within ``policy``.
     """
-    core = make_core(load_driver(driver), conninfo, policy=policy, configure=configure,
+    adapter = load_driver(driver)
+    core = make_core(adapter, conninfo, policy=policy, configure=configure,
                      on_event=on_event, kwargs=kwargs)
     if configure is not None:
         refuse_coroutine_function(configure, what="configure")
-    conn: ResilientConnection[Any] = ResilientConnection(core, configure=configure)
+    conn: ResilientConnection[Any] = ResilientConnection(core, adapter, configure=configure)
     conn._connect_with_retries()
     return conn
 
 
 def make_core(
-    adapter: Driver,
+    adapter: Facts[Any],
     conninfo: str,
     *,
     policy: RetryPolicy | None,
@@ -415,20 +423,18 @@ def make_core(
                 configure=configure is not None)
 
 
-def load_driver(name: str, *, asynchronous: bool = False) -> Driver:
+def load_driver(name: str) -> Driver[Any]:
     if name not in DRIVERS:
         raise ValueError(f"unknown driver {name!r}; use one of {', '.join(DRIVERS)}")
     module, cls, extra = {
         "psycopg": ("_driver_psycopg", "PsycopgDriver", "psycopg"),
         "pyodbc": ("_driver_pyodbc", "PyodbcDriver", "odbc"),
     }[name]
-    if asynchronous:
-        cls = "Async" + cls
     try:
         mod = importlib.import_module(f"symfo_failover.{module}")
     except ImportError as exc:
         raise ImportError(
             f"the {name} driver is not installed: pip install 'symfo-failover[{extra}]' ({exc})"
         ) from exc
-    adapter: Driver = getattr(mod, cls)()
+    adapter: Driver[Any] = getattr(mod, cls)()
     return adapter

@@ -59,7 +59,7 @@ from ._errors import (
 )
 from ._kind import Failure, Kind
 from ._policy import RetryPolicy
-from ._target import Driver, SessionInfo, SessionState, Target
+from ._target import Facts, SessionInfo, SessionState, Target
 
 _T = TypeVar("_T")
 
@@ -120,7 +120,7 @@ class SessionLostUnderUnit(Exception):
         super().__init__(failure.message)
         self.failure = failure
 
-    def as_driver_error(self, driver: Driver) -> BaseException:
+    def as_driver_error(self, driver: Facts[Any]) -> BaseException:
         error = driver.operational_error(
             "the session was lost during the unit of work (the unit caught the error)")
         attach(error, self.failure)
@@ -185,7 +185,7 @@ class Core:
 
     def __init__(
         self,
-        driver: Driver,
+        driver: Facts[Any],
         target: Target,
         *,
         policy: RetryPolicy,

@@ -9,7 +9,7 @@ import functools
 import getpass
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import psycopg
 from psycopg import IsolationLevel, generators
@@ -20,6 +20,9 @@ from psycopg.pq import ConnStatus, DiagnosticField, ExecStatus, TransactionStatu
 from . import _sqlstates as table
 from . import _target as _t
 from ._contract import UnitGuard
+
+if TYPE_CHECKING:
+    from psycopg.pq.abc import PGresult
 
 
 def owns(error: object) -> bool:
@@ -100,7 +103,7 @@ _DETECTION = {
 }
 
 
-class GuardedConnection(psycopg.Connection[Any]):
+class GuardedConnection(psycopg.Connection[Any]):  # any row factory
     """A psycopg connection that refuses, while a unit of work runs on it, every call
     that would end the unit's transaction (the way psycopg itself refuses ``commit()``
     inside ``Connection.transaction()``). Outside a unit it is a plain connection.
@@ -109,6 +112,7 @@ class GuardedConnection(psycopg.Connection[Any]):
     """
 
     _symfo_guard: UnitGuard | None = None
+    _symfo_cursor_factory: type[psycopg.Cursor[Any]]
 
     def commit(self) -> None:
         if self._symfo_guard is not None:
@@ -181,141 +185,7 @@ _TRANSACTION_STATES = {
 _BAD = int(ConnStatus.BAD)
 
 
-class PsycopgDriver(_t.DriverBase):
-    name = "psycopg"
-    operational_error: type[BaseException] = psycopg.OperationalError
-    programming_error: type[BaseException] = psycopg.ProgrammingError
-    error: type[BaseException] = psycopg.Error
-
-    def target(self, conninfo: str, kwargs: Mapping[str, Any]) -> _t.Target:
-        options = dict(kwargs)
-        extra = {k: options.pop(k) for k in _CONNECT_KEYWORDS if k in options}
-        # Raises psycopg.ProgrammingError for bad syntax or an unknown parameter.
-        params = conninfo_to_dict(conninfo, **options)
-        for key, value in _DETECTION.items():
-            params.setdefault(key, value)
-        endpoints = _endpoints(params)
-        user = str(params.get("user") or os.environ.get("PGUSER") or getpass.getuser())
-        database = str(params.get("dbname") or os.environ.get("PGDATABASE") or user)
-        shown = " ".join(f"{k}={params[k]}" for k in ("host", "port", "dbname", "user")
-                         if params.get(k) not in (None, ""))
-        return _t.Target(
-            connect_args={"conninfo": make_conninfo("", **params), **extra},
-            endpoints=endpoints,
-            user=user,
-            database=database,
-            description=f"psycopg {shown}".strip(),
-            password=str(params.get("password") or os.environ.get("PGPASSWORD") or "") or None,
-            sslmode=str(params.get("sslmode") or os.environ.get("PGSSLMODE") or "") or None,
-        )
-
-    def connect(self, target: _t.Target) -> Any:
-        return GuardedConnection.connect(**target.connect_args, autocommit=True)
-
-    def apply_state(self, raw: Any, state: _t.SessionState) -> None:
-        raw.autocommit = state.autocommit
-        level = state.isolation_level
-        raw.isolation_level = IsolationLevel[level.upper().replace(" ", "_")] if level else None
-        raw.read_only = state.read_only
-
-    def begin(self, raw: Any, state: _t.SessionState) -> str | None:
-        # Straight through libpq: psycopg's cursor machinery costs more than the
-        # round trip on a fast network (DESIGN §5). PQexec returns the last result.
-        want_xid = not state.read_only
-        pgconn = raw.pgconn
-        result = pgconn.exec_(_t.begin_sql_bytes(state, want_xid))
-        expected = ExecStatus.TUPLES_OK if want_xid else ExecStatus.COMMAND_OK
-        if result.status != expected:
-            raise _error(raw, result)
-        return result.get_value(0, 0).decode() if want_xid else None
-
-    def commit(self, raw: Any) -> None:
-        # psycopg's own light path (in autocommit mode it sends COMMIT), past the guard.
-        psycopg.Connection.commit(raw)
-
-    def rollback(self, raw: Any) -> None:
-        psycopg.Connection.rollback(raw)
-
-    def close(self, raw: Any) -> None:
-        psycopg.Connection.close(raw)
-
-    def in_transaction(self, raw: Any) -> bool:
-        return bool(raw.pgconn.transaction_status != TransactionStatus.IDLE)
-
-    def lend(self, raw: Any, guard: UnitGuard) -> Any:
-        raw._symfo_guard = guard
-        factory = raw.cursor_factory
-        raw._symfo_cursor_factory = factory
-        raw.cursor_factory = _guarded_cursor(factory)
-        return raw
-
-    def reclaim(self, raw: Any, guard: UnitGuard) -> None:
-        raw._symfo_guard = None
-        raw.cursor_factory = raw._symfo_cursor_factory
-
-    def unit_left(self, raw: Any) -> str | None:
-        pgconn = raw.pgconn
-        if pgconn.status == _BAD:
-            return "lost" if raw.broken else "closed"
-        return _TRANSACTION_STATES.get(pgconn.transaction_status)
-
-    def last_error_text(self, raw: Any) -> str:
-        return bytes(raw.pgconn.error_message or b"").decode(errors="replace")
-
-    def query_one(self, raw: Any, sql: str, *params: Any) -> tuple[Any, ...] | None:
-        row = raw.execute(sql, params or None).fetchone()
-        return None if row is None else tuple(row)
-
-    def sqlstate(self, error: BaseException) -> str | None:
-        return sqlstate_of(error)
-
-    def is_broken(self, raw: Any) -> bool:
-        # psycopg: a broken connection is always closed (its PGconn is BAD).
-        return bool(raw.closed)
-
-    def execute(self, raw: Any, query: Any, params: Any, kwargs: Mapping[str, Any]) -> Any:
-        return raw.execute(query, params, **kwargs)
-
-    def closed_error(self) -> BaseException:
-        return psycopg.OperationalError("the connection is closed")
-
-    def bad_input(self, message: str) -> BaseException:
-        return psycopg.ProgrammingError(message)
-
-
-def _error(raw: Any, result: Any) -> psycopg.Error:
-    """The exception psycopg itself would raise for a failed ``result``."""
-    if result.error_field(DiagnosticField.SQLSTATE):
-        return pg_errors.error_from_result(result, encoding=raw.info.encoding)
-    # No SQLSTATE: libpq lost the connection (the guide's libpq NULL row).
-    text = (result.error_message or raw.pgconn.error_message or b"").decode(errors="replace")
-    return psycopg.OperationalError(text.strip() or "the connection was lost")
-
-
-def _endpoints(params: Mapping[str, Any]) -> tuple[_t.Endpoint, ...]:
-    hosts = str(params.get("host") or os.environ.get("PGHOST") or "").split(",")
-    addrs = str(params.get("hostaddr") or "").split(",")
-    ports = str(params.get("port") or os.environ.get("PGPORT") or "5432").split(",")
-    if len(ports) == 1:
-        ports = ports * max(len(hosts), len(addrs))
-    result = []
-    for i, port_text in enumerate(ports):
-        try:
-            port = int(port_text.strip() or "5432")
-        except ValueError:
-            raise psycopg.ProgrammingError(
-                f"invalid port in the connection string: {port_text!r}"
-            ) from None
-        if not 0 < port < 65536:
-            raise psycopg.ProgrammingError(f"invalid port in the connection string: {port}")
-        addr = addrs[i] if i < len(addrs) else ""
-        host = addr or (hosts[i] if i < len(hosts) else "")
-        if host:  # without a host libpq picks its own socket directory: not probed
-            result.append(_t.Endpoint(host.strip(), port))
-    return tuple(result)
-
-
-# --- the same interface for psycopg's AsyncConnection ----------------------------------
+# --- psycopg's AsyncConnection, guarded the same way ----------------------------------
 # The local facts (broken, transaction state, what a unit left, lending) are the sync
 # adapter's: they read attributes, not the network. What talks to the server is async.
 
@@ -324,6 +194,7 @@ class GuardedAsyncConnection(psycopg.AsyncConnection[Any]):
     """`GuardedConnection` for ``psycopg.AsyncConnection``."""
 
     _symfo_guard: UnitGuard | None = None
+    _symfo_cursor_factory: type[psycopg.AsyncCursor[Any]]
 
     async def commit(self) -> None:
         if self._symfo_guard is not None:
@@ -377,87 +248,239 @@ def _guarded_async_cursor(cls: type[Any]) -> type[Any]:
     return type(f"Guarded{cls.__name__}", (_AsyncStatementGuard, cls), {})
 
 
-class AsyncPsycopgDriver(PsycopgDriver):
-    """The psycopg adapter for ``AsyncConnection``: the I/O methods are coroutines."""
 
-    async def connect(self, target: _t.Target) -> Any:
+#: A psycopg session of either kind: what the local facts read.
+_Session = TypeVar("_Session", "GuardedConnection", "GuardedAsyncConnection")
+
+
+class _PsycopgFacts(Generic[_Session]):
+    """What both psycopg adapters read locally: parsing the target, and the facts of
+    a session (libpq's own state, no round trip)."""
+
+    name = "psycopg"
+    operational_error: type[BaseException] = psycopg.OperationalError
+    programming_error: type[BaseException] = psycopg.ProgrammingError
+    error: type[BaseException] = psycopg.Error
+    def _guarded(self, factory: type[Any]) -> type[Any]:
+        """The cursor class a unit's statements go through (checked for COMMIT & co)."""
+        raise NotImplementedError
+
+    def target(self, conninfo: str, kwargs: Mapping[str, Any]) -> _t.Target:
+        options = dict(kwargs)
+        extra = {k: options.pop(k) for k in _CONNECT_KEYWORDS if k in options}
+        # Raises psycopg.ProgrammingError for bad syntax or an unknown parameter.
+        params = conninfo_to_dict(conninfo, **options)
+        for key, value in _DETECTION.items():
+            params.setdefault(key, value)
+        endpoints = _endpoints(params)
+        user = str(params.get("user") or os.environ.get("PGUSER") or getpass.getuser())
+        database = str(params.get("dbname") or os.environ.get("PGDATABASE") or user)
+        shown = " ".join(f"{k}={params[k]}" for k in ("host", "port", "dbname", "user")
+                         if params.get(k) not in (None, ""))
+        return _t.Target(
+            connect_args={"conninfo": make_conninfo("", **params), **extra},
+            endpoints=endpoints,
+            user=user,
+            database=database,
+            description=f"psycopg {shown}".strip(),
+            password=str(params.get("password") or os.environ.get("PGPASSWORD") or "") or None,
+            sslmode=str(params.get("sslmode") or os.environ.get("PGSSLMODE") or "") or None,
+        )
+
+    def in_transaction(self, raw: _Session) -> bool:
+        return bool(raw.pgconn.transaction_status != TransactionStatus.IDLE)
+
+    def get_autocommit(self, raw: _Session) -> bool:
+        return bool(raw.autocommit)
+
+    def lend(self, raw: _Session, guard: UnitGuard) -> _Session:
+        raw._symfo_guard = guard
+        factory = raw.cursor_factory
+        raw._symfo_cursor_factory = factory
+        raw.cursor_factory = self._guarded(factory)
+        return raw
+
+    def reclaim(self, raw: _Session, guard: UnitGuard) -> None:
+        raw._symfo_guard = None
+        raw.cursor_factory = raw._symfo_cursor_factory
+
+    def unit_left(self, raw: _Session) -> str | None:
+        pgconn = raw.pgconn
+        if pgconn.status == _BAD:
+            return "lost" if raw.broken else "closed"
+        return _TRANSACTION_STATES.get(pgconn.transaction_status)
+
+    def last_error_text(self, raw: _Session) -> str:
+        return bytes(raw.pgconn.error_message or b"").decode(errors="replace")
+
+    def sqlstate(self, error: BaseException) -> str | None:
+        return sqlstate_of(error)
+
+    def is_broken(self, raw: _Session) -> bool:
+        # psycopg: a broken connection is always closed (its PGconn is BAD).
+        return bool(raw.closed)
+
+    def closed_error(self) -> BaseException:
+        return psycopg.OperationalError("the connection is closed")
+
+    def bad_input(self, message: str) -> BaseException:
+        return psycopg.ProgrammingError(message)
+
+
+class PsycopgDriver(_PsycopgFacts["GuardedConnection"], _t.DriverBase["GuardedConnection"]):
+    def _guarded(self, factory: type[Any]) -> type[Any]:
+        return _guarded_cursor(factory)  # type: ignore[arg-type]  # a class is hashable
+
+    def connect(self, target: _t.Target) -> GuardedConnection:
+        return GuardedConnection.connect(**target.connect_args, autocommit=True)
+
+    def apply_state(self, raw: GuardedConnection, state: _t.SessionState) -> None:
+        raw.autocommit = state.autocommit
+        raw.isolation_level = _isolation(state)
+        raw.read_only = state.read_only
+
+    def set_autocommit(self, raw: GuardedConnection, value: bool) -> None:
+        raw.autocommit = value
+
+    def begin(self, raw: GuardedConnection, state: _t.SessionState) -> str | None:
+        # Straight through libpq: psycopg's cursor machinery costs more than the
+        # round trip on a fast network (DESIGN §5). PQexec returns the last result.
+        want_xid = not state.read_only
+        result = raw.pgconn.exec_(_t.begin_sql_bytes(state, want_xid))
+        return _begun(raw, result, want_xid)
+
+    def commit(self, raw: GuardedConnection) -> None:
+        # psycopg's own light path (in autocommit mode it sends COMMIT), past the guard.
+        psycopg.Connection.commit(raw)
+
+    def rollback(self, raw: GuardedConnection) -> None:
+        psycopg.Connection.rollback(raw)
+
+    def close(self, raw: GuardedConnection) -> None:
+        psycopg.Connection.close(raw)
+
+    def query_one(self, raw: GuardedConnection, sql: str, *params: object) -> _t.Row | None:
+        row = raw.execute(sql, params or None).fetchone()
+        return None if row is None else tuple(row)
+
+    def execute(self, raw: GuardedConnection, query: _t.Query, params: _t.Params,
+                kwargs: Mapping[str, Any]) -> psycopg.Cursor[Any]:
+        return raw.execute(query, params, **kwargs)
+
+
+class AsyncPsycopgDriver(_PsycopgFacts["GuardedAsyncConnection"]):
+    """The psycopg adapter for ``AsyncConnection``: the same facts, async I/O."""
+
+    def _guarded(self, factory: type[Any]) -> type[Any]:
+        return _guarded_async_cursor(factory)  # type: ignore[arg-type]
+
+    async def connect(self, target: _t.Target) -> GuardedAsyncConnection:
         return await GuardedAsyncConnection.connect(**target.connect_args, autocommit=True)
 
-    async def close(self, raw: Any) -> None:  # type: ignore[override]
+    async def close(self, raw: GuardedAsyncConnection) -> None:
         await psycopg.AsyncConnection.close(raw)
 
-    async def query_one(  # type: ignore[override]
-        self, raw: Any, sql: str, *params: Any
-    ) -> tuple[Any, ...] | None:
+    async def query_one(
+        self, raw: GuardedAsyncConnection, sql: str, *params: object
+    ) -> _t.Row | None:
         cur = await raw.execute(sql, params or None)
         row = await cur.fetchone()
         return None if row is None else tuple(row)
 
-    async def session_info(self, raw: Any) -> _t.SessionInfo:  # type: ignore[override]
-        row = await self.query_one(raw, _t.SESSION_INFO_SQL)
-        assert row is not None
-        return _t.SessionInfo(int(row[0]), str(row[1]), str(row[2]))
+    async def session_info(self, raw: GuardedAsyncConnection) -> _t.SessionInfo:
+        return _t.session_info_of(await self.query_one(raw, _t.SESSION_INFO_SQL))
 
-    async def xact_status(self, raw: Any, xid: str) -> str | None:  # type: ignore[override]
+    async def xact_status(self, raw: GuardedAsyncConnection, xid: str) -> str | None:
         try:
             row = await self.query_one(raw, _t.XACT_STATUS_SQL, xid)
         except psycopg.Error as exc:
             if sqlstate_of(exc) == _t.XID_IN_FUTURE and not self.is_broken(raw):
                 return "future"
             raise
-        return None if row is None or row[0] is None else str(row[0])
+        return _t.xact_status_of(row)
 
-    async def end_session(  # type: ignore[override]
-        self, raw: Any, old: _t.SessionInfo
-    ) -> bool:
+    async def end_session(self, raw: GuardedAsyncConnection, old: _t.SessionInfo) -> bool:
         row = await self.query_one(raw, _t.END_SESSION_SQL, old.backend_pid, old.backend_start)
         return bool(row and row[0])
 
-    async def apply_state(  # type: ignore[override]
-        self, raw: Any, state: _t.SessionState
-    ) -> None:
+    async def apply_state(self, raw: GuardedAsyncConnection, state: _t.SessionState) -> None:
         await psycopg.AsyncConnection.set_autocommit(raw, state.autocommit)
-        level = state.isolation_level
-        await raw.set_isolation_level(
-            IsolationLevel[level.upper().replace(" ", "_")] if level else None)
+        await raw.set_isolation_level(_isolation(state))
         await raw.set_read_only(state.read_only)
 
-    async def set_autocommit(self, raw: Any, value: bool) -> None:  # type: ignore[override]
+    async def set_autocommit(self, raw: GuardedAsyncConnection, value: bool) -> None:
         await psycopg.AsyncConnection.set_autocommit(raw, value)
 
-    async def begin(  # type: ignore[override]
-        self, raw: Any, state: _t.SessionState
-    ) -> str | None:
-        # As the sync adapter: one simple-protocol round trip, past the cursor machinery,
+    async def begin(self, raw: GuardedAsyncConnection, state: _t.SessionState) -> str | None:
+        # As the sync adapter: one simple-protocol round trip past the cursor machinery,
         # under the connection's lock as psycopg's own commands are.
         want_xid = not state.read_only
         pgconn = raw.pgconn
         async with raw.lock:
             pgconn.send_query(_t.begin_sql_bytes(state, want_xid))
             results = await raw.wait(generators.execute(pgconn))
-        result = results[-1]
-        expected = ExecStatus.TUPLES_OK if want_xid else ExecStatus.COMMAND_OK
-        for each in results:
+        for each in results[:-1]:
             if each.status not in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK):
                 raise _error(raw, each)
-        if result.status != expected:
-            raise _error(raw, result)
-        return result.get_value(0, 0).decode() if want_xid else None
+        return _begun(raw, results[-1], want_xid)
 
-    async def commit(self, raw: Any) -> None:  # type: ignore[override]
+    async def commit(self, raw: GuardedAsyncConnection) -> None:
         await psycopg.AsyncConnection.commit(raw)
 
-    async def rollback(self, raw: Any) -> None:  # type: ignore[override]
+    async def rollback(self, raw: GuardedAsyncConnection) -> None:
         await psycopg.AsyncConnection.rollback(raw)
 
-    def lend(self, raw: Any, guard: UnitGuard) -> Any:
-        raw._symfo_guard = guard
-        factory = raw.cursor_factory
-        raw._symfo_cursor_factory = factory
-        raw.cursor_factory = _guarded_async_cursor(factory)
-        return raw
-
-    async def execute(
-        self, raw: Any, query: Any, params: Any, kwargs: Mapping[str, Any]
-    ) -> Any:
+    async def execute(self, raw: GuardedAsyncConnection, query: _t.Query,
+                      params: _t.Params, kwargs: Mapping[str, Any]) -> psycopg.AsyncCursor[Any]:
         return await raw.execute(query, params, **kwargs)
+
+
+def _isolation(state: _t.SessionState) -> IsolationLevel | None:
+    level = state.isolation_level
+    return IsolationLevel[level.upper().replace(" ", "_")] if level else None
+
+
+def _begun(raw: psycopg.BaseConnection[Any], result: PGresult, want_xid: bool) -> str | None:
+    """The transaction id from BEGIN's last result, or the error psycopg would raise."""
+    expected = ExecStatus.TUPLES_OK if want_xid else ExecStatus.COMMAND_OK
+    if result.status != expected:
+        raise _error(raw, result)
+    if not want_xid:
+        return None
+    value = result.get_value(0, 0)
+    assert value is not None
+    return value.decode()
+
+
+def _error(raw: psycopg.BaseConnection[Any], result: PGresult) -> psycopg.Error:
+    """The exception psycopg itself would raise for a failed ``result``."""
+    if result.error_field(DiagnosticField.SQLSTATE):
+        return pg_errors.error_from_result(result, encoding=raw.info.encoding)
+    # No SQLSTATE: libpq lost the connection (the guide's libpq NULL row).
+    text = (result.error_message or raw.pgconn.error_message or b"").decode(errors="replace")
+    return psycopg.OperationalError(text.strip() or "the connection was lost")
+
+
+def _endpoints(params: Mapping[str, Any]) -> tuple[_t.Endpoint, ...]:
+    hosts = str(params.get("host") or os.environ.get("PGHOST") or "").split(",")
+    addrs = str(params.get("hostaddr") or "").split(",")
+    ports = str(params.get("port") or os.environ.get("PGPORT") or "5432").split(",")
+    if len(ports) == 1:
+        ports = ports * max(len(hosts), len(addrs))
+    result = []
+    for i, port_text in enumerate(ports):
+        try:
+            port = int(port_text.strip() or "5432")
+        except ValueError:
+            raise psycopg.ProgrammingError(
+                f"invalid port in the connection string: {port_text!r}"
+            ) from None
+        if not 0 < port < 65536:
+            raise psycopg.ProgrammingError(f"invalid port in the connection string: {port}")
+        addr = addrs[i] if i < len(addrs) else ""
+        host = addr or (hosts[i] if i < len(hosts) else "")
+        if host:  # without a host libpq picks its own socket directory: not probed
+            result.append(_t.Endpoint(host.strip(), port))
+    return tuple(result)
+
+

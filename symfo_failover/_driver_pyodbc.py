@@ -172,7 +172,7 @@ class LentConnection:
 
     __slots__ = ("_guard", "raw")
 
-    def __init__(self, raw: Any, guard: UnitGuard) -> None:
+    def __init__(self, raw: pyodbc.Connection, guard: UnitGuard) -> None:
         object.__setattr__(self, "raw", raw)
         object.__setattr__(self, "_guard", guard)
 
@@ -276,7 +276,7 @@ _ROLLBACK_LEVEL_KEYS = ("protocol", "a1")
 _STATEMENT_ROLLBACK = "7.4-2"
 
 
-class PyodbcDriver(_t.DriverBase):
+class PyodbcDriver(_t.DriverBase["pyodbc.Connection"]):
     name = "pyodbc"
     operational_error: type[BaseException] = pyodbc.OperationalError
     programming_error: type[BaseException] = pyodbc.ProgrammingError
@@ -366,7 +366,7 @@ class PyodbcDriver(_t.DriverBase):
         kwargs["autocommit"] = True
         return pyodbc.connect(target.connect_args["connstring"], **kwargs)
 
-    def apply_state(self, raw: Any, state: _t.SessionState) -> None:
+    def apply_state(self, raw: pyodbc.Connection, state: _t.SessionState) -> None:
         # psqlODBC keeps no isolation or access mode of its own: set them on the session.
         options = []
         if state.isolation_level:
@@ -378,7 +378,7 @@ class PyodbcDriver(_t.DriverBase):
             raw.execute("SET SESSION CHARACTERISTICS AS TRANSACTION " + ", ".join(options))
         raw.autocommit = state.autocommit
 
-    def begin(self, raw: Any, state: _t.SessionState) -> str | None:
+    def begin(self, raw: pyodbc.Connection, state: _t.SessionState) -> str | None:
         want_xid = not state.read_only
         cur = raw.execute(_t.begin_sql(state, want_xid))
         if not want_xid:
@@ -386,43 +386,43 @@ class PyodbcDriver(_t.DriverBase):
         cur.nextset()
         return str(cur.fetchone()[0])
 
-    def commit(self, raw: Any) -> None:
+    def commit(self, raw: pyodbc.Connection) -> None:
         raw.execute("COMMIT")
 
-    def rollback(self, raw: Any) -> None:
+    def rollback(self, raw: pyodbc.Connection) -> None:
         raw.execute("ROLLBACK")
 
-    def in_transaction(self, raw: Any) -> bool | None:
+    def in_transaction(self, raw: pyodbc.Connection) -> bool | None:
         # ODBC cannot tell without a round trip: unknown.
         return None
 
-    def lend(self, raw: Any, guard: UnitGuard) -> Any:
+    def lend(self, raw: pyodbc.Connection, guard: UnitGuard) -> Any:
         return LentConnection(raw, guard)
 
-    def reclaim(self, raw: Any, guard: UnitGuard) -> None:
+    def reclaim(self, raw: pyodbc.Connection, guard: UnitGuard) -> None:
         return None
 
-    def unit_left(self, raw: Any) -> str | None:
+    def unit_left(self, raw: pyodbc.Connection) -> str | None:
         # The transaction's state is unknown locally. With statement-level rollback a
         # failed statement never fails it, and the statements that end it are refused.
         if getattr(raw, "closed", False):
             return "closed"
         return "lost" if is_broken(raw) else None
 
-    def last_error_text(self, raw: Any) -> str:
+    def last_error_text(self, raw: pyodbc.Connection) -> str:
         return ""
 
-    def query_one(self, raw: Any, sql: str, *params: Any) -> tuple[Any, ...] | None:
+    def query_one(self, raw: pyodbc.Connection, sql: str, *params: Any) -> tuple[Any, ...] | None:
         row = raw.execute(sql.replace("%s", "?"), *params).fetchone()
         return None if row is None else tuple(row)
 
     def sqlstate(self, error: BaseException) -> str | None:
         return sqlstate_of(error)
 
-    def is_broken(self, raw: Any) -> bool:
+    def is_broken(self, raw: pyodbc.Connection) -> bool:
         return is_broken(raw)
 
-    def execute(self, raw: Any, query: Any, params: Any, kwargs: Mapping[str, Any]) -> Any:
+    def execute(self, raw: pyodbc.Connection, query: Any, params: Any, kwargs: Mapping[str, Any]) -> Any:
         if kwargs:
             raise TypeError(f"pyodbc's execute takes no keyword arguments: {sorted(kwargs)}")
         return raw.execute(query) if params is None else raw.execute(query, params)

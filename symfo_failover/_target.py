@@ -8,9 +8,9 @@ adapter implements; the connection never touches a driver directly.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from ._contract import UnitGuard
@@ -77,7 +77,22 @@ class SessionState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class Driver(Protocol):
+#: The driver's session type (``GuardedConnection``, ``pyodbc.Connection``, ...).
+R = TypeVar("R")
+R_contra = TypeVar("R_contra", contravariant=True)
+#: A statement as the application gives it (a string, psycopg's ``sql.Composed``, ...)
+#: and its parameters: passed to the driver untouched.
+Query = Any
+Params = Any
+
+
+class Facts(Protocol[R_contra]):
+    """What the core reads of a driver: its errors and the local facts of a session.
+
+    Every method here reads the driver's own state, never the network, so the sync and
+    the async runner share them. The I/O is in `Driver` and `AsyncDriver`.
+    """
+
     name: str
     #: The driver's OperationalError, the second base of the library's failover errors.
     operational_error: type[BaseException]
@@ -87,73 +102,100 @@ class Driver(Protocol):
     error: type[BaseException]
 
     def target(self, conninfo: str, kwargs: Mapping[str, Any]) -> Target: ...
-    def connect(self, target: Target) -> Any: ...
-    def session_info(self, raw: Any) -> SessionInfo: ...
-    def apply_state(self, raw: Any, state: SessionState) -> None: ...
-    def begin(self, raw: Any, state: SessionState) -> str | None: ...
-    def commit(self, raw: Any) -> None: ...
-    def rollback(self, raw: Any) -> None: ...
-    def in_transaction(self, raw: Any) -> bool | None: ...
+    def in_transaction(self, raw: R_contra) -> bool | None: ...
     #: What the unit is given (``raw`` itself, or a stand-in), guarded while it runs.
-    def lend(self, raw: Any, guard: UnitGuard) -> Any: ...
-    def reclaim(self, raw: Any, guard: UnitGuard) -> None: ...
+    def lend(self, raw: R_contra, guard: UnitGuard) -> object: ...
+    def reclaim(self, raw: R_contra, guard: UnitGuard) -> None: ...
     #: What a unit left, in one local look: ``closed`` (by the application), ``lost``,
     #: or the transaction's state: ``open``, ``failed`` (an error failed it), ``ended``;
     #: None where the driver cannot tell without a round trip.
-    def unit_left(self, raw: Any) -> str | None: ...
+    def unit_left(self, raw: R_contra) -> str | None: ...
     #: The driver's text of the last error on the session, if it keeps one.
-    def last_error_text(self, raw: Any) -> str: ...
-    def get_autocommit(self, raw: Any) -> bool: ...
-    def set_autocommit(self, raw: Any, value: bool) -> None: ...
-    def xact_status(self, raw: Any, xid: str) -> str | None: ...
-    def end_session(self, raw: Any, old: SessionInfo) -> bool: ...
-    def is_broken(self, raw: Any) -> bool: ...
-    def close(self, raw: Any) -> None: ...
-    def execute(self, raw: Any, query: Any, params: Any, kwargs: Mapping[str, Any]) -> Any: ...
+    def last_error_text(self, raw: R_contra) -> str: ...
+    def get_autocommit(self, raw: R_contra) -> bool: ...
+    def is_broken(self, raw: R_contra) -> bool: ...
     def closed_error(self) -> BaseException: ...
     def bad_input(self, message: str) -> BaseException: ...
 
 
-class DriverBase:
-    """What both adapters do alike, over `query_one` (``%s`` placeholders)."""
+class Driver(Facts[R], Protocol[R]):
+    """A blocking adapter: the facts, and the I/O as plain calls."""
+
+    def connect(self, target: Target) -> R: ...
+    def session_info(self, raw: R) -> SessionInfo: ...
+    def apply_state(self, raw: R, state: SessionState) -> None: ...
+    def begin(self, raw: R, state: SessionState) -> str | None: ...
+    def commit(self, raw: R) -> None: ...
+    def rollback(self, raw: R) -> None: ...
+    def set_autocommit(self, raw: R, value: bool) -> None: ...
+    def xact_status(self, raw: R, xid: str) -> str | None: ...
+    def end_session(self, raw: R, old: SessionInfo) -> bool: ...
+    def close(self, raw: R) -> None: ...
+    def execute(self, raw: R, query: Query, params: Params,
+                kwargs: Mapping[str, Any]) -> object: ...
+
+
+class AsyncDriver(Facts[R], Protocol[R]):
+    """An asyncio adapter: the same facts, the I/O as coroutines."""
+
+    async def connect(self, target: Target) -> R: ...
+    async def session_info(self, raw: R) -> SessionInfo: ...
+    async def apply_state(self, raw: R, state: SessionState) -> None: ...
+    async def begin(self, raw: R, state: SessionState) -> str | None: ...
+    async def commit(self, raw: R) -> None: ...
+    async def rollback(self, raw: R) -> None: ...
+    async def set_autocommit(self, raw: R, value: bool) -> None: ...
+    async def xact_status(self, raw: R, xid: str) -> str | None: ...
+    async def end_session(self, raw: R, old: SessionInfo) -> bool: ...
+    async def close(self, raw: R) -> None: ...
+    async def execute(self, raw: R, query: Query, params: Params,
+                      kwargs: Mapping[str, Any]) -> object: ...
+
+
+#: One row, as the adapters' `query_one` gives it.
+Row = tuple[object, ...]
+
+
+class DriverBase(Generic[R]):
+    """What both blocking adapters do alike, over `query_one` (``%s`` placeholders)."""
 
     error: type[BaseException]
 
-    def query_one(self, raw: Any, sql: str, *params: Any) -> tuple[Any, ...] | None:
+    def query_one(self, raw: R, sql: str, *params: object) -> Row | None:
         raise NotImplementedError
 
     def sqlstate(self, error: BaseException) -> str | None:
         raise NotImplementedError
 
-    def is_broken(self, raw: Any) -> bool:
+    def is_broken(self, raw: R) -> bool:
         raise NotImplementedError
 
-    def session_info(self, raw: Any) -> SessionInfo:
-        row = self.query_one(raw, SESSION_INFO_SQL)
-        assert row is not None
-        return SessionInfo(int(row[0]), str(row[1]), str(row[2]))
+    def session_info(self, raw: R) -> SessionInfo:
+        return session_info_of(self.query_one(raw, SESSION_INFO_SQL))
 
-    def xact_status(self, raw: Any, xid: str) -> str | None:
+    def xact_status(self, raw: R, xid: str) -> str | None:
         try:
             row = self.query_one(raw, XACT_STATUS_SQL, xid)
         except self.error as exc:
             if self.sqlstate(exc) == XID_IN_FUTURE and not self.is_broken(raw):
                 return "future"
             raise
-        return None if row is None or row[0] is None else str(row[0])
+        return xact_status_of(row)
 
-    def end_session(self, raw: Any, old: SessionInfo) -> bool:
+    def end_session(self, raw: R, old: SessionInfo) -> bool:
         row = self.query_one(raw, END_SESSION_SQL, old.backend_pid, old.backend_start)
         return bool(row and row[0])
 
-    def get_autocommit(self, raw: Any) -> bool:
-        return bool(raw.autocommit)
 
-    def set_autocommit(self, raw: Any, value: bool) -> None:
-        raw.autocommit = value
+def session_info_of(row: Row | None) -> SessionInfo:
+    """`SessionInfo` from the row of `SESSION_INFO_SQL`."""
+    assert row is not None
+    return SessionInfo(int(str(row[0])), str(row[1]), str(row[2]))
 
-    def close(self, raw: Any) -> None:
-        raw.close()
+
+def xact_status_of(row: Row | None) -> str | None:
+    """The answer of `XACT_STATUS_SQL` (None: no answer)."""
+    return None if row is None or row[0] is None else str(row[0])
 
 
 def begin_sql_bytes(state: SessionState, want_xid: bool) -> bytes:
@@ -217,4 +259,3 @@ def normalise_isolation(value: object) -> str | None:
     return text
 
 
-Configure = Callable[[Any], None]
