@@ -127,7 +127,7 @@ class SessionLostUnderUnit(Exception):
         return error
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     """A COMMIT whose reply was lost: what is needed to ask the server about it."""
 
@@ -136,7 +136,7 @@ class Pending:
     session: SessionInfo | None
 
 
-@dataclass
+@dataclass(slots=True)
 class Call:
     """The state of one `run` (or one reconnect) across its tries."""
 
@@ -155,7 +155,7 @@ class Call:
     xid: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Link:
     """What the connection keeps across calls: its session and what it knows of it."""
 
@@ -208,7 +208,12 @@ class Core:
         """One `run()`: the unit, committed exactly once, within the policy."""
         call = Call(self.policy.clock())
         try:
-            return (yield from self.retrying(call, lambda: self.run_attempt(call, job)))
+            try:
+                # The first try straight away: the steady state pays for no more.
+                return (yield from self.run_attempt(call, job))
+            except Again as exc:
+                first = exc
+            return (yield from self.retrying(call, lambda: self.run_attempt(call, job), first))
         except (Exception, GeneratorExit):
             raise
         except BaseException as exc:
@@ -227,14 +232,21 @@ class Core:
 
         return (yield from self.retrying(call, attempt))
 
-    def retrying(self, call: Call, attempt: Callable[[], Flow[_T]]) -> Flow[_T]:
-        """``attempt`` until it succeeds, within the policy; waits are `OP_SLEEP`."""
-        # The first try runs without tenacity: the steady state pays nothing for it.
-        try:
-            return (yield from attempt())
-        except Again as exc:
-            last: Again = exc
-        retrying = self.policy.retrying(Again, started=call.started)
+    def retrying(
+        self, call: Call, attempt: Callable[[], Flow[_T]], first: Again | None = None
+    ) -> Flow[_T]:
+        """``attempt`` until it succeeds, within the policy; waits are `OP_SLEEP`.
+        ``first``: how the first try, made by the caller, failed."""
+        if first is None:
+            # The first try runs without tenacity: the steady state pays nothing for it.
+            try:
+                return (yield from attempt())
+            except Again as exc:
+                first = exc
+        last: Again = first
+        # The deadline runs from the first failure (RetryPolicy.deadline), not from the
+        # start of the call: a long unit that fails late still gets its retries.
+        retrying = self.policy.retrying(Again, started=self.policy.clock())
         retrying.begin()
         state = tenacity.RetryCallState(retrying, None, (), {})
         retrying.iter(state)  # tenacity's first try is the one above
@@ -261,14 +273,9 @@ class Core:
         self.emit(ev.GaveUp, call, failure=failure, attempts=call.attempts)
         driver = self.driver
         if call.pending is not None:
-            reason = (f"no session to ask the server within {elapsed:.1f} s "
+            return self.pending_unknown(
+                call, f"no session to ask the server within {elapsed:.1f} s "
                       f"({call.attempts} tries); last failure: {failure}")
-            cls = flavoured(CommitOutcomeUnknown, driver.operational_error)
-            return cls(
-                f"the outcome of COMMIT (transaction {call.pending.xid}) is unknown: {reason}",
-                failure=outcome_unknown_failure(reason),
-                xid=call.pending.xid,
-            )
         policy = self.policy
         cls2 = flavoured(RetriesExhausted, driver.operational_error)
         return cls2(
@@ -280,6 +287,16 @@ class Core:
             attempts=call.attempts,
             elapsed=elapsed,
             target=self.target.description,
+        )
+
+    def pending_unknown(self, call: Call, reason: str) -> Exception:
+        """`CommitOutcomeUnknown` for the pending COMMIT of ``call``."""
+        assert call.pending is not None
+        cls = flavoured(CommitOutcomeUnknown, self.driver.operational_error)
+        return cls(
+            f"the outcome of COMMIT (transaction {call.pending.xid}) is unknown: {reason}",
+            failure=outcome_unknown_failure(reason),
+            xid=call.pending.xid,
         )
 
     def interrupted(self, call: Call, exc: BaseException) -> Flow[None]:
@@ -536,6 +553,10 @@ class Core:
                   error=driver_text(error))
         if not failure.retryable:
             attach(error, failure)
+            if call.pending is not None:
+                # The COMMIT may have gone through, and no server can be asked.
+                raise self.pending_unknown(
+                    call, f"no session to ask the server: {failure}") from error
             raise error
         raise Again(failure, Phase.CONNECT) from error
 
@@ -572,11 +593,13 @@ class Core:
             previous = link.server_started
             failover = previous is not None and info.server_started != previous
             link.ended_old = False
-            lost, link.lost = link.lost, None
+            lost = link.lost
             if lost is not None and not failover:
                 # Same server: the old session may still be alive there (a network
-                # break). End it so that it can neither commit nor hold locks.
+                # break). End it so that it can neither commit nor hold locks. Until
+                # that worked it stays to be fenced by the next session.
                 link.ended_old = bool((yield (OP_END_SESSION, raw, lost)))
+            link.lost = None
             yield (OP_APPLY_STATE, raw, self.state)
             if self.configure:
                 yield (OP_CONFIGURE, raw)

@@ -30,7 +30,7 @@ def owns(error: object) -> bool:
 
 
 def owns_connection(connection: object) -> bool:
-    return isinstance(connection, psycopg.Connection)
+    return isinstance(connection, (psycopg.Connection, psycopg.AsyncConnection))
 
 
 def sqlstate_of(error: object) -> str | None:

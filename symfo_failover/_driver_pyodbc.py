@@ -392,6 +392,15 @@ class PyodbcDriver(_t.DriverBase["pyodbc.Connection"]):
     def rollback(self, raw: pyodbc.Connection) -> None:
         raw.execute("ROLLBACK")
 
+    def get_autocommit(self, raw: pyodbc.Connection) -> bool:
+        return bool(raw.autocommit)
+
+    def set_autocommit(self, raw: pyodbc.Connection, value: bool) -> None:
+        raw.autocommit = value
+
+    def close(self, raw: pyodbc.Connection) -> None:
+        raw.close()
+
     def in_transaction(self, raw: pyodbc.Connection) -> bool | None:
         # ODBC cannot tell without a round trip: unknown.
         return None
@@ -422,7 +431,8 @@ class PyodbcDriver(_t.DriverBase["pyodbc.Connection"]):
     def is_broken(self, raw: pyodbc.Connection) -> bool:
         return is_broken(raw)
 
-    def execute(self, raw: pyodbc.Connection, query: Any, params: Any, kwargs: Mapping[str, Any]) -> Any:
+    def execute(self, raw: pyodbc.Connection, query: Any, params: Any,
+                kwargs: Mapping[str, Any]) -> Any:
         if kwargs:
             raise TypeError(f"pyodbc's execute takes no keyword arguments: {sorted(kwargs)}")
         return raw.execute(query) if params is None else raw.execute(query, params)

@@ -230,3 +230,121 @@ def test_other_failures_are_not_a_login_question() -> None:
     assert verdict.failure == lost
     assert not verdict.try_again_now
     assert not verdict.nobody_answers
+
+
+# --- a failed connect once a session existed, a read-only COMMIT, the outcomes ------------
+
+from symfo_failover._decide import (  # noqa: E402
+    OUTCOME,
+    connect_failure,
+    unknown_outcome_reason,
+)
+
+
+@pytest.mark.parametrize(
+    ("make", "connected_before", "retried"),
+    [
+        # "Failed after the server asked for a password": a wrong password at first...
+        (_auth_failed, False, False),
+        # ... but once these settings worked, a server shutting down mid-handshake.
+        (_auth_failed, True, True),
+        # Everything else is read as it is.
+        (_connect_failed, False, False),
+        (_connect_failed, True, False),
+        (lambda: classify("28P01"), True, False),  # the server's own word
+        (lambda: classify("3D000"), True, False),
+        (lambda: classify("57P03"), True, False),
+    ],
+)
+def test_connect_failure(make: object, connected_before: bool, retried: bool) -> None:
+    failure = make()  # type: ignore[operator]
+    read = connect_failure(failure, connected_before=connected_before)
+    if retried:
+        assert (read.kind, read.retryable) == (Kind.CONNECT_FAILED, True)
+        assert (read.sqlstate, read.rule, read.message, read.reconnect) == (
+            failure.sqlstate, failure.rule, failure.message, failure.reconnect)
+    else:
+        assert read == failure
+
+
+@pytest.mark.parametrize(
+    ("code", "phase", "usable", "has_xid", "step"),
+    [
+        # A read-only unit (no transaction id) lost the reply to COMMIT: its result stands.
+        ("57P01", Phase.COMMIT, DEAD, False, Step.RETURN),
+        ("08006", Phase.COMMIT, DEAD, False, Step.RETURN),
+        (None, Phase.COMMIT, DEAD, False, Step.RETURN),  # a lost session, no SQLSTATE
+        (None, Phase.COMMIT, LIVE, False, Step.RETURN),  # no answer from a live server
+        # The same with a transaction id: ask the server.
+        ("57P01", Phase.COMMIT, DEAD, True, Step.RESOLVE),
+        (None, Phase.COMMIT, LIVE, True, Step.RESOLVE),
+        # COMMIT answered with an error: the id changes nothing.
+        ("40001", Phase.COMMIT, LIVE, False, Step.RETRY),
+        ("23505", Phase.COMMIT, LIVE, False, Step.RAISE),
+        # Before COMMIT was sent the id changes nothing either.
+        ("57P01", Phase.UNIT, DEAD, False, Step.RECONNECT),
+        ("40001", Phase.UNIT, LIVE, False, Step.RETRY),
+        ("08001", Phase.CONNECT, DEAD, False, Step.RECONNECT),
+    ],
+)
+def test_next_step_without_a_transaction_id(
+    code: str | None, phase: Phase, usable: bool, has_xid: bool, step: Step
+) -> None:
+    failure = classify(code) if code is not None else Failure(
+        Kind.CONNECTION_LOST, None, True, True, "gone")
+    assert next_step(failure, Situation(phase, usable, has_xid=has_xid)) is step
+
+
+@given(codes, phases, st.booleans(), st.booleans(), st.booleans())
+def test_a_missing_transaction_id_only_turns_resolve_into_return(
+    code: str, phase: Phase, usable: bool, fresh: bool, retried: bool
+) -> None:
+    failure = classify(code)
+    with_xid = next_step(failure, Situation(phase, usable, fresh, retried, has_xid=True))
+    without = next_step(failure, Situation(phase, usable, fresh, retried, has_xid=False))
+    assert without is (Step.RETURN if with_xid is Step.RESOLVE else with_xid)
+
+
+@pytest.mark.parametrize(
+    ("resolution", "outcome"),
+    [
+        (Resolution.COMMITTED, "returned"),
+        (Resolution.ABORTED, "replayed"),
+        (Resolution.UNKNOWN, "raised"),
+        (Resolution.END_OLD_SESSION, "asked again"),
+    ],
+)
+def test_outcome(resolution: Resolution, outcome: str) -> None:
+    assert OUTCOME[resolution] == outcome
+
+
+def test_every_resolution_has_an_outcome() -> None:
+    assert set(OUTCOME) == set(Resolution)
+
+
+@pytest.mark.parametrize(
+    ("status", "restarted", "says"),
+    [
+        ("committed", True, "transaction 742 shows as committed, but the server restarted"),
+        (None, False, "pg_xact_status(742) gave no answer (None)"),
+        (None, True, "pg_xact_status(742) gave no answer (None)"),
+        ("future", False, "pg_xact_status(742) gave no answer ('future')"),
+        ("", False, "pg_xact_status(742) gave no answer ('')"),
+    ],
+)
+def test_unknown_outcome_reason(status: str | None, restarted: bool, says: str) -> None:
+    evidence = CommitEvidence(status, restarted)
+    assert resolve_commit(evidence) is Resolution.UNKNOWN  # the only case it is asked for
+    assert says in unknown_outcome_reason(evidence, "742")
+    if status == "committed":
+        assert "another transaction's" in unknown_outcome_reason(evidence, "742")
+
+
+@given(st.one_of(st.none(), st.text(max_size=12)), st.booleans(),
+       st.from_regex(r"[1-9][0-9]{0,9}", fullmatch=True))
+def test_an_unknown_outcome_always_names_the_transaction(
+    status: str | None, restarted: bool, xid: str
+) -> None:
+    evidence = CommitEvidence(status, restarted)
+    if resolve_commit(evidence) is Resolution.UNKNOWN:
+        assert xid in unknown_outcome_reason(evidence, xid)
