@@ -1,6 +1,7 @@
 """ResilientConnection against real servers: lost COMMITs, failovers, passthrough, bad input.
 
-Every test runs with psycopg and with pyodbc + psqlODBC.
+Every test runs with psycopg, with psycopg's AsyncResilientConnection (the
+"psycopg-async" flavour, see resilient_helpers.connect) and with pyodbc + psqlODBC.
 """
 
 from __future__ import annotations
@@ -13,7 +14,16 @@ from typing import Any
 import psycopg
 import pyodbc
 import pytest
-from resilient_helpers import Recorder, Unit, conninfo, exe, rows
+from resilient_helpers import (
+    DRIVERS,
+    PSYCOPG_FLAVOURS,
+    Recorder,
+    Unit,
+    connect,
+    conninfo,
+    exe,
+    rows,
+)
 
 import symfo_failover as sf
 from symfo_failover.harness import FaultProxy, LocalCluster
@@ -23,7 +33,7 @@ pytestmark = pytest.mark.server
 FAST = sf.RetryPolicy(deadline=30)
 
 
-@pytest.fixture(params=["psycopg", pytest.param("pyodbc", marks=pytest.mark.odbc)])
+@pytest.fixture(params=DRIVERS)
 def driver(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -52,8 +62,8 @@ def test_commit_reply_lost_after_the_server_committed(
     driver: str, cluster: LocalCluster, proxy: FaultProxy
 ) -> None:
     rec = Recorder()
-    with sf.connect(conninfo(driver, cluster, proxy.host, proxy.port), driver=driver,
-                    policy=FAST, on_event=rec) as rc:
+    with connect(conninfo(driver, cluster, proxy.host, proxy.port), driver=driver,
+                 policy=FAST, on_event=rec) as rc:
         proxy.arm_commit_drop()
         unit = Unit("committed")
         assert rc.run(unit) == "done committed"
@@ -86,8 +96,8 @@ def test_commit_never_reached_the_server(
         raise AssertionError("the old session did not end")
 
     rec.on[sf.FailureDetected] = end_old_session
-    with sf.connect(conninfo(driver, cluster, proxy.host, proxy.port), driver=driver,
-                    policy=FAST, on_event=rec) as rc:
+    with connect(conninfo(driver, cluster, proxy.host, proxy.port), driver=driver,
+                 policy=FAST, on_event=rec) as rc:
         proxy.arm_commit_hold()
         unit = Unit("aborted")
         assert rc.run(unit) == "done aborted"
@@ -105,8 +115,8 @@ def test_commit_held_while_the_old_session_lives_on(
     """A network break: the old session is idle in its transaction, holding its xid and
     its locks. It must be ended before the answer is trusted, and stay ended."""
     rec = Recorder()
-    with sf.connect(conninfo(driver, cluster, proxy.host, proxy.port), driver=driver,
-                    policy=FAST, on_event=rec) as rc:
+    with connect(conninfo(driver, cluster, proxy.host, proxy.port), driver=driver,
+                 policy=FAST, on_event=rec) as rc:
         proxy.arm_commit_hold()
         unit = Unit("held")
         assert rc.run(unit) == "done held"
@@ -133,13 +143,13 @@ def test_commit_outcome_unknown_when_the_server_cannot_say(
         conn.execute("REVOKE EXECUTE ON FUNCTION pg_xact_status(xid8) FROM PUBLIC")
     rec = Recorder()
     info = conninfo(driver, cluster, proxy.host, proxy.port, user="app")
-    with sf.connect(info, driver=driver, policy=FAST, on_event=rec) as rc:
+    with connect(info, driver=driver, policy=FAST, on_event=rec) as rc:
         proxy.arm_commit_drop()
         unit = Unit("unknown")
         with pytest.raises(sf.CommitOutcomeUnknown) as raised:
             rc.run(unit)
     err = raised.value
-    assert isinstance(err, psycopg.OperationalError if driver == "psycopg"
+    assert isinstance(err, psycopg.OperationalError if driver != "pyodbc"
                       else pyodbc.OperationalError)
     assert err.xid is not None
     assert err.xid in str(err)
@@ -155,8 +165,8 @@ def test_commit_outcome_unknown_when_the_server_never_returns(
     rec = Recorder()
     rec.on[sf.FailureDetected] = lambda event: cluster.stop_both("immediate")
     policy = sf.RetryPolicy(deadline=1.0)
-    with sf.connect(conninfo(driver, cluster, proxy.host, proxy.port), driver=driver,
-                    policy=policy, on_event=rec) as rc:
+    with connect(conninfo(driver, cluster, proxy.host, proxy.port), driver=driver,
+                 policy=policy, on_event=rec) as rc:
         proxy.arm_commit_drop()
         with pytest.raises(sf.CommitOutcomeUnknown, match="unknown"):
             rc.run(Unit("lost"))
@@ -167,8 +177,8 @@ def test_read_only_units_need_no_transaction_id(
     driver: str, cluster: LocalCluster, proxy: FaultProxy
 ) -> None:
     rec = Recorder()
-    with sf.connect(conninfo(driver, cluster, proxy.host, proxy.port), driver=driver,
-                    policy=FAST, on_event=rec) as rc:
+    with connect(conninfo(driver, cluster, proxy.host, proxy.port), driver=driver,
+                 policy=FAST, on_event=rec) as rc:
         rc.read_only = True
 
         def read(raw: Any) -> Any:
@@ -190,8 +200,8 @@ def test_a_unit_survives_each_scenario_of_the_guide(
 ) -> None:
     rec = Recorder()
     configured: list[object] = []
-    with sf.connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
-                    policy=FAST, on_event=rec, configure=configured.append) as rc:
+    with connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
+                 policy=FAST, on_event=rec, configure=configured.append) as rc:
         before = rc.session
         assert before is not None
 
@@ -227,8 +237,8 @@ def test_a_proxy_cut_is_a_blip_not_a_failover(
     driver: str, cluster: LocalCluster, proxy: FaultProxy
 ) -> None:
     rec = Recorder()
-    with sf.connect(conninfo(driver, cluster, proxy.host, proxy.port), driver=driver,
-                    policy=FAST, on_event=rec) as rc:
+    with connect(conninfo(driver, cluster, proxy.host, proxy.port), driver=driver,
+                 policy=FAST, on_event=rec) as rc:
         unit = Unit("cut")
 
         def cut_once(raw: Any) -> str:
@@ -248,8 +258,8 @@ def test_conflicts_run_again_on_the_same_session(
     driver: str, cluster: LocalCluster, code: str
 ) -> None:
     rec = Recorder()
-    with sf.connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
-                    policy=FAST, on_event=rec) as rc:
+    with connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
+                 policy=FAST, on_event=rec) as rc:
         pids: list[int] = []
         unit = Unit(code)
 
@@ -279,8 +289,8 @@ def test_a_real_deadlock_is_run_again(driver: str, cluster: LocalCluster) -> Non
 
     def worker(first: int, second: int) -> None:
         try:
-            with sf.connect(conninfo(driver, cluster, cluster.host, cluster.port),
-                            driver=driver, policy=FAST) as rc:
+            with connect(conninfo(driver, cluster, cluster.host, cluster.port),
+                         driver=driver, policy=FAST) as rc:
                 tries = 0
 
                 def unit(raw: Any) -> None:
@@ -309,8 +319,8 @@ def test_a_lost_prepared_statement_runs_again_once_on_a_new_session(
     driver: str, cluster: LocalCluster
 ) -> None:
     rec = Recorder()
-    with sf.connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
-                    policy=FAST, on_event=rec) as rc:
+    with connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
+                 policy=FAST, on_event=rec) as rc:
         rc.autocommit = True
         rc.execute("PREPARE one AS SELECT 1")
         assert rc.run(lambda raw: exe(raw, "EXECUTE one").fetchone()[0]) == 1
@@ -335,8 +345,8 @@ def test_session_state_is_restored_on_a_new_session(driver: str, cluster: LocalC
     def configure(raw: Any) -> None:
         exe(raw, "SET application_name = 'billing'")
 
-    with sf.connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
-                    policy=FAST, configure=configure) as rc:
+    with connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
+                 policy=FAST, configure=configure) as rc:
         rc.isolation_level = "serializable"
 
         def show(raw: Any) -> tuple[str, str, str]:
@@ -373,12 +383,12 @@ def test_passthrough_keeps_driver_types_and_never_runs_a_statement_again(
     driver: str, cluster: LocalCluster
 ) -> None:
     rec = Recorder()
-    with sf.connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
-                    policy=FAST, on_event=rec, autocommit=True) as rc:
+    with connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
+                 policy=FAST, on_event=rec, autocommit=True) as rc:
         assert rc.autocommit is True
         rc.execute("CREATE TABLE uniq (id int PRIMARY KEY)")
         rc.execute("INSERT INTO uniq VALUES (1)")
-        dup = psycopg.errors.UniqueViolation if driver == "psycopg" else pyodbc.IntegrityError
+        dup = psycopg.errors.UniqueViolation if driver != "pyodbc" else pyodbc.IntegrityError
         with pytest.raises(dup) as raised:
             rc.execute("INSERT INTO uniq VALUES (1)")
         assert raised.value.failure.sqlstate == "23505"  # type: ignore[attr-defined]
@@ -388,7 +398,7 @@ def test_passthrough_keeps_driver_types_and_never_runs_a_statement_again(
 
         old = rc.connection
         cluster.switchover()
-        lost = psycopg.OperationalError if driver == "psycopg" else pyodbc.Error
+        lost = psycopg.OperationalError if driver != "pyodbc" else pyodbc.Error
         with pytest.raises(lost) as raised:
             rc.execute("INSERT INTO uniq VALUES (2)")
         assert raised.value.failure.kind is sf.Kind.CONNECTION_LOST  # type: ignore[attr-defined]
@@ -406,8 +416,8 @@ def test_passthrough_keeps_driver_types_and_never_runs_a_statement_again(
 
 
 def test_rollback_on_a_lost_session_is_quiet(driver: str, cluster: LocalCluster) -> None:
-    with sf.connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
-                    policy=FAST) as rc:
+    with connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
+                 policy=FAST) as rc:
         rc.execute("SELECT 1")
         cluster.switchover()
         with pytest.raises((psycopg.OperationalError, pyodbc.Error)) as lost:
@@ -425,9 +435,9 @@ def test_wrong_password_fails_at_once(driver: str) -> None:
     with LocalCluster(password="right") as cl:
         cl.start()
         info = conninfo(driver, cl, password="wrong")
-        with pytest.raises(psycopg.OperationalError if driver == "psycopg"
+        with pytest.raises(psycopg.OperationalError if driver != "pyodbc"
                            else pyodbc.Error) as raised:
-            sf.connect(info, driver=driver, on_event=rec)
+            connect(info, driver=driver, on_event=rec)
     assert not isinstance(raised.value, sf.RetriesExhausted)
     assert not raised.value.failure.retryable  # type: ignore[attr-defined]
     # No retry loop: one failure, never a wait for the policy's deadline.
@@ -440,9 +450,9 @@ def test_a_missing_database_fails_at_once(driver: str, cluster: LocalCluster) ->
     """A trust server: it says the database is missing, and the message says only that."""
     rec = Recorder()
     info = conninfo(driver, cluster, dbname="nosuchdb")
-    with pytest.raises(psycopg.OperationalError if driver == "psycopg" else pyodbc.Error
+    with pytest.raises(psycopg.OperationalError if driver != "pyodbc" else pyodbc.Error
                        ) as raised:
-        sf.connect(info, driver=driver, on_event=rec)
+        connect(info, driver=driver, on_event=rec)
     failure = raised.value.failure  # type: ignore[attr-defined]
     assert failure.rule == "connect failed, server up"
     assert "3D000" in failure.message
@@ -453,10 +463,11 @@ def test_a_missing_database_fails_at_once(driver: str, cluster: LocalCluster) ->
     assert len(rec.of(sf.FailureDetected)) == 1
 
 
+@pytest.mark.parametrize("driver", PSYCOPG_FLAVOURS)
 @pytest.mark.parametrize("bad", ["port=notaport", "bogus_option=1"])
-def test_an_invalid_connection_string_fails_at_once(bad: str) -> None:
+def test_an_invalid_connection_string_fails_at_once(driver: str, bad: str) -> None:
     with pytest.raises(psycopg.ProgrammingError):
-        sf.connect(f"host=127.0.0.1 {bad}")
+        connect(f"host=127.0.0.1 {bad}", driver=driver)
 
 
 @pytest.mark.odbc
@@ -481,13 +492,13 @@ def test_a_server_that_never_comes_back_gives_up_at_the_deadline(
 
     policy = sf.RetryPolicy(deadline=1.0, clock=lambda: now[0], sleep=sleep,
                             random=lambda: 0.0)
-    with sf.connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
-                    policy=policy, on_event=rec) as rc:
+    with connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
+                 policy=policy, on_event=rec) as rc:
         cluster.stop_both()
         with pytest.raises(sf.RetriesExhausted) as raised:
             rc.run(Unit("never"))
     err = raised.value
-    assert isinstance(err, psycopg.OperationalError if driver == "psycopg"
+    assert isinstance(err, psycopg.OperationalError if driver != "pyodbc"
                       else pyodbc.OperationalError)
     # Every wait but the last was the policy's backoff; the last try is at the deadline.
     assert err.attempts == len(waits) + 1
@@ -502,15 +513,15 @@ def test_a_server_that_never_comes_back_gives_up_at_the_deadline(
     assert gave_up.attempts == err.attempts
     # connect() itself gives up the same way.
     with pytest.raises(sf.RetriesExhausted):
-        sf.connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
-                   policy=sf.RetryPolicy(deadline=1.0, clock=lambda: now[0], sleep=sleep))
+        connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
+                policy=sf.RetryPolicy(deadline=1.0, clock=lambda: now[0], sleep=sleep))
 
 
 def test_run_refuses_to_start_inside_an_open_passthrough_transaction(
     driver: str, cluster: LocalCluster
 ) -> None:
-    with sf.connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
-                    policy=FAST) as rc:
+    with connect(conninfo(driver, cluster, cluster.host, cluster.port), driver=driver,
+                 policy=FAST) as rc:
         assert rc.autocommit is False
         rc.execute("INSERT INTO ledger VALUES ('passthrough', 1)")
         with pytest.raises(sf.UnitContractError, match="open passthrough transaction") as raised:
@@ -539,7 +550,7 @@ def test_a_japanese_speaking_cluster_changes_nothing(driver: str, ja_locale: str
             conn.execute("CREATE TABLE counter (n int)")
             conn.execute("INSERT INTO counter VALUES (0)")
             assert conn.execute("SHOW lc_messages").fetchone() == (ja_locale,)
-        with FaultProxy(cl.host, cl.port) as px, sf.connect(
+        with FaultProxy(cl.host, cl.port) as px, connect(
             conninfo(driver, cl, px.host, px.port), driver=driver, policy=FAST, on_event=rec
         ) as rc:
             px.arm_commit_drop()
@@ -559,7 +570,7 @@ def test_a_japanese_speaking_cluster_changes_nothing(driver: str, ja_locale: str
                     return unit(raw)
 
                 assert rc.run(faulty) == f"done {scenario}"
-            with pytest.raises(psycopg.Error if driver == "psycopg" else pyodbc.Error) as raised:
+            with pytest.raises(psycopg.Error if driver != "pyodbc" else pyodbc.Error) as raised:
                 rc.execute("SELECT 1/0")
             assert raised.value.failure.sqlstate == "22012"  # type: ignore[attr-defined]
         for entry in ("drop", "hold", "switchover", "crash"):

@@ -13,6 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from resilient_helpers import DRIVERS, connect, conninfo
 
 import symfo_failover as sf
 from symfo_failover.harness import LocalCluster, Partition, partition_available
@@ -24,7 +25,7 @@ pytestmark = [pytest.mark.server, pytest.mark.partition]
 WAIT = 45.0
 
 
-@pytest.fixture(params=["psycopg", pytest.param("pyodbc", marks=pytest.mark.odbc)])
+@pytest.fixture(params=DRIVERS)
 def driver(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -44,7 +45,7 @@ def cluster() -> Iterator[LocalCluster]:
 def test_a_partitioned_session_is_declared_lost_and_fails_over(
     driver: str, cluster: LocalCluster
 ) -> None:
-    info = (cluster.conninfo() if driver == "psycopg" else cluster.odbc_connection_string())
+    info = conninfo(driver, cluster)
     partition = Partition(cluster.host, cluster.port)
     lost = threading.Event()
     # The library's events and the test's own steps, in the order they happened.
@@ -63,7 +64,7 @@ def test_a_partitioned_session_is_declared_lost_and_fails_over(
 
     results: list[object] = []
     # Default policy and default detection settings: nothing tuned.
-    with sf.connect(info, driver=driver, on_event=on_event) as rc:
+    with connect(info, driver=driver, on_event=on_event) as rc:
         assert rc.run(lambda raw: raw.execute("SELECT 1").fetchone()[0]) == 1
         with partition:
             partition.start()

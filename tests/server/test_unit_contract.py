@@ -1,4 +1,8 @@
-"""The unit-of-work contract against a real server, with psycopg and with pyodbc.
+"""The unit-of-work contract against a real server.
+
+Every test runs with psycopg, with psycopg's AsyncResilientConnection (the
+"psycopg-async" flavour, see resilient_helpers.connect) and with pyodbc, unless it is
+about one of them only.
 
 The invariant: run() returns if and only if everything the unit wrote committed, once.
 A unit that breaks the contract gets a UnitContractError naming the rule, has nothing
@@ -20,7 +24,18 @@ from typing import Any
 import psycopg
 import pyodbc
 import pytest
-from resilient_helpers import Recorder, conninfo, exe
+from resilient_helpers import (
+    DRIVERS,
+    PSYCOPG_FLAVOURS,
+    PSYCOPG_SESSIONS,
+    BlockingConnection,
+    BlockingResilientConnection,
+    Recorder,
+    Resilient,
+    connect,
+    conninfo,
+    exe,
+)
 
 import symfo_failover as sf
 from symfo_failover._probe import probe
@@ -31,7 +46,7 @@ pytestmark = pytest.mark.server
 FAST = sf.RetryPolicy(deadline=10)
 
 
-@pytest.fixture(params=["psycopg", pytest.param("pyodbc", marks=pytest.mark.odbc)])
+@pytest.fixture(params=DRIVERS)
 def driver(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -59,9 +74,9 @@ def table(server: LocalServer) -> Table:
 
 
 @pytest.fixture
-def rc(driver: str, server: LocalServer) -> Iterator[sf.ResilientConnection]:
+def rc(driver: str, server: LocalServer) -> Iterator[Resilient]:
     info = conninfo(driver, server)
-    with sf.connect(info, driver=driver, policy=FAST) as conn:
+    with connect(info, driver=driver, policy=FAST) as conn:
         yield conn
 
 
@@ -76,7 +91,7 @@ class Counted:
         return self.fn(raw)
 
 
-def broken(rc: sf.ResilientConnection, fn: Callable[[Any], Any], rule: str) -> Counted:
+def broken(rc: Resilient, fn: Callable[[Any], Any], rule: str) -> Counted:
     """Run ``fn`` and check that it broke ``rule``: raised, once, with the driver's type."""
     unit = Counted(fn)
     with pytest.raises(sf.UnitContractError) as raised:
@@ -84,7 +99,7 @@ def broken(rc: sf.ResilientConnection, fn: Callable[[Any], Any], rule: str) -> C
     err = raised.value
     assert err.rule == rule, str(err)
     assert unit.runs == 1, "a broken contract is not run again"
-    driver_error = psycopg.ProgrammingError if rc.driver == "psycopg" else pyodbc.ProgrammingError
+    driver_error = psycopg.ProgrammingError if rc.driver != "pyodbc" else pyodbc.ProgrammingError
     assert isinstance(err, driver_error)
     assert not sf.classify(err).retryable
     assert type(err).__module__ == "symfo_failover"
@@ -97,7 +112,7 @@ def broken(rc: sf.ResilientConnection, fn: Callable[[Any], Any], rule: str) -> C
 
 
 def test_a_nested_run_is_refused_and_the_outer_work_is_not_committed(
-    rc: sf.ResilientConnection, table: Table
+    rc: Resilient, table: Table
 ) -> None:
     inner = Counted(lambda raw: table.insert(raw, "B"))
 
@@ -111,7 +126,7 @@ def test_a_nested_run_is_refused_and_the_outer_work_is_not_committed(
 
 
 def test_a_nested_run_whose_refusal_is_swallowed_still_commits_nothing(
-    rc: sf.ResilientConnection, table: Table
+    rc: Resilient, table: Table
 ) -> None:
     def outer(raw: Any) -> str:
         table.insert(raw, "A")
@@ -150,13 +165,13 @@ def _ends_then_writes(table: Table, end: Callable[[Any], None]) -> Callable[[Any
     pytest.param(lambda raw: raw.cursor().execute("COMMIT"), id="cursor-COMMIT"),
 ])
 def test_ending_the_transaction_inside_a_unit_is_refused_at_the_call(
-    rc: sf.ResilientConnection, table: Table, end: Callable[[Any], None]
+    rc: Resilient, table: Table, end: Callable[[Any], None]
 ) -> None:
     broken(rc, _ends_then_writes(table, end), "ended-transaction")
     assert table.rows() == [], "nothing the unit wrote is committed"
 
 
-def test_a_cursor_commit_is_refused_too(rc: sf.ResilientConnection, table: Table) -> None:
+def test_a_cursor_commit_is_refused_too(rc: Resilient, table: Table) -> None:
     def unit(raw: Any) -> None:
         cur = raw.cursor()
         cur.execute(f"INSERT INTO {table.name} VALUES ('A')")
@@ -169,14 +184,17 @@ def test_a_cursor_commit_is_refused_too(rc: sf.ResilientConnection, table: Table
     assert table.rows() == []
 
 
-def test_with_connection_inside_a_unit_is_refused(server: LocalServer, table: Table) -> None:
+@pytest.mark.parametrize("driver", PSYCOPG_FLAVOURS)
+def test_with_connection_inside_a_unit_is_refused(
+    driver: str, server: LocalServer, table: Table
+) -> None:
     """psycopg's ``with conn:`` commits and closes at its end. (pyodbc's commits only
     outside autocommit mode, so inside a unit it does nothing.)"""
     def unit(raw: Any) -> None:
         with raw:
             table.insert(raw, "A")
 
-    with sf.connect(server.conninfo(), policy=FAST) as rc:
+    with connect(server.conninfo(), driver=driver, policy=FAST) as rc:
         broken(rc, unit, "ended-transaction")
     assert table.rows() == []
 
@@ -186,7 +204,7 @@ def test_a_unit_that_closes_its_connection_is_not_taken_for_a_failover(
 ) -> None:
     rec = Recorder()
     info = conninfo(driver, server)
-    with sf.connect(info, driver=driver, policy=FAST, on_event=rec) as rc:
+    with connect(info, driver=driver, policy=FAST, on_event=rec) as rc:
         unit = broken(rc, _ends_then_writes(table, lambda raw: raw.close()), "closed-connection")
     assert unit.runs == 1, "no retry storm"
     assert not rec.of(sf.FailureDetected), "a close is not a failover"
@@ -195,12 +213,14 @@ def test_a_unit_that_closes_its_connection_is_not_taken_for_a_failover(
 
 
 def test_a_close_that_gets_past_the_guard_is_still_not_a_failover(
-    rc: sf.ResilientConnection, table: Table
+    rc: Resilient, table: Table
 ) -> None:
     def unit(raw: Any) -> None:
         table.insert(raw, "A")
         if isinstance(raw, psycopg.Connection):
             psycopg.Connection.close(raw)  # the base class's method, around the guard
+        elif isinstance(raw, BlockingConnection):
+            raw.call(psycopg.AsyncConnection.close)  # the same, for the async connection
         else:
             raw.raw.close()
         table.insert(raw, "B")
@@ -209,7 +229,7 @@ def test_a_close_that_gets_past_the_guard_is_still_not_a_failover(
     assert table.rows() == []
 
 
-def test_savepoints_inside_a_unit_keep_working(rc: sf.ResilientConnection, table: Table) -> None:
+def test_savepoints_inside_a_unit_keep_working(rc: Resilient, table: Table) -> None:
     def unit(raw: Any) -> str:
         table.insert(raw, "A")
         exe(raw, "SAVEPOINT s1")
@@ -219,7 +239,7 @@ def test_savepoints_inside_a_unit_keep_working(rc: sf.ResilientConnection, table
         # Not transaction control: CASE ... END, a PL/pgSQL block, quoted words.
         exe(raw, "SELECT CASE WHEN true THEN 'commit;' END")
         exe(raw, "DO $$ BEGIN PERFORM 1; END $$")
-        if isinstance(raw, psycopg.Connection):
+        if isinstance(raw, PSYCOPG_SESSIONS):
             try:
                 with raw.transaction():  # psycopg's nested transaction: a savepoint
                     table.insert(raw, "A")  # a duplicate, rolled back to the savepoint
@@ -238,7 +258,7 @@ def test_savepoints_inside_a_unit_keep_working(rc: sf.ResilientConnection, table
 
 
 def test_the_connection_itself_may_not_be_used_inside_its_unit(
-    rc: sf.ResilientConnection, table: Table
+    rc: Resilient, table: Table
 ) -> None:
     def unit(raw: Any) -> None:
         table.insert(raw, "A")
@@ -277,7 +297,7 @@ def test_the_lent_odbc_connection_is_refused_after_its_unit(server: LocalServer)
 
 
 def test_a_swallowed_error_is_never_a_false_success(
-    rc: sf.ResilientConnection, table: Table
+    rc: Resilient, table: Table
 ) -> None:
     """psycopg: the transaction failed, its COMMIT would be a ROLLBACK: raise, say why.
     pyodbc: psqlODBC's statement-level rollback undoes only the failed statement and
@@ -288,7 +308,7 @@ def test_a_swallowed_error_is_never_a_false_success(
             table.insert(raw, "A")  # a unique violation, caught by the unit
         return "ok"
 
-    if rc.driver == "psycopg":
+    if rc.driver != "pyodbc":
         counted = broken(rc, unit, "swallowed-error")
         assert counted.runs == 1
         assert table.rows() == []
@@ -322,9 +342,9 @@ def test_a_refused_login_says_what_the_server_said(
     driver: str, locked: LocalCluster, change: dict[str, str], sqlstate: str
 ) -> None:
     rec = Recorder()
-    with pytest.raises(psycopg.OperationalError if driver == "psycopg" else pyodbc.Error
+    with pytest.raises(psycopg.OperationalError if driver != "pyodbc" else pyodbc.Error
                        ) as raised:
-        sf.connect(conninfo(driver, locked, **change), driver=driver, on_event=rec)
+        connect(conninfo(driver, locked, **change), driver=driver, on_event=rec)
     failure = raised.value.failure  # type: ignore[attr-defined]
     assert failure.sqlstate == sqlstate
     assert not failure.retryable
@@ -346,7 +366,7 @@ def test_a_port_where_nothing_listens_says_so_at_once(
     info = conninfo(driver, server, port=str(port))
     caplog.set_level(logging.DEBUG, logger="symfo_failover")
     with pytest.raises(sf.RetriesExhausted):
-        sf.connect(info, driver=driver, policy=sf.RetryPolicy(deadline=0.5))
+        connect(info, driver=driver, policy=sf.RetryPolicy(deadline=0.5))
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING
                 and r.name == "symfo_failover"]
     names = [getattr(r, "symfo_event", None) for r in warnings]
@@ -360,8 +380,11 @@ def test_a_port_where_nothing_listens_says_so_at_once(
     assert names[-1] == "gave_up"
 
 
-def test_psycopg_names_the_error_that_was_swallowed(server: LocalServer, table: Table) -> None:
-    with sf.connect(server.conninfo(), policy=FAST) as rc:
+@pytest.mark.parametrize("driver", PSYCOPG_FLAVOURS)
+def test_psycopg_names_the_error_that_was_swallowed(
+    driver: str, server: LocalServer, table: Table
+) -> None:
+    with connect(server.conninfo(), driver=driver, policy=FAST) as rc:
         def unit(raw: Any) -> None:
             with contextlib.suppress(psycopg.errors.DivisionByZero):
                 raw.execute("SELECT 1/0")
@@ -379,7 +402,7 @@ def test_a_lost_session_the_unit_swallowed_is_run_again_not_committed(
     was committed, so it is a lost session like any other, and the unit runs again."""
     rec = Recorder()
     info = conninfo(driver, server)
-    with sf.connect(info, driver=driver, policy=FAST, on_event=rec) as rc:
+    with connect(info, driver=driver, policy=FAST, on_event=rec) as rc:
         def unit(raw: Any) -> str:
             table.insert(raw, f"run{counted.runs}")
             if counted.runs == 1:
@@ -410,7 +433,7 @@ def test_psqlodbc_rollback_levels_that_break_the_contract_are_refused(
 
 
 def test_a_coroutine_function_is_refused_before_anything_runs(
-    rc: sf.ResilientConnection, table: Table
+    rc: Resilient, table: Table
 ) -> None:
     async def unit(raw: Any) -> None:  # pragma: no cover - never called
         table.insert(raw, "A")
@@ -419,15 +442,29 @@ def test_a_coroutine_function_is_refused_before_anything_runs(
         async def __call__(self, raw: Any) -> None:  # pragma: no cover - never called
             table.insert(raw, "A")
 
-    for fn in (unit, AsyncCallable()):
-        with pytest.raises(TypeError, match="coroutine function"):
-            rc.run(fn)
+    if isinstance(rc, BlockingResilientConnection):
+        # The async run's counterpart: what it cannot await is refused before anything runs.
+        def generator(raw: Any) -> Iterator[None]:  # pragma: no cover - never called
+            yield table.insert(raw, "A")
+
+        async def async_generator(raw: Any) -> Any:  # pragma: no cover - never called
+            yield table.insert(raw, "A")
+
+        for refused, match in ((generator, "generator function"),
+                               (async_generator, "generator function"),
+                               ("SELECT 1", "needs a function")):
+            with pytest.raises(TypeError, match=match):
+                rc.run_as_given(refused)
+    else:
+        for fn in (unit, AsyncCallable()):
+            with pytest.raises(TypeError, match="coroutine function"):
+                rc.run(fn)
     assert table.rows() == []
     assert rc.session is not None  # the session was not touched
 
 
 def test_a_unit_that_returns_a_coroutine_is_refused_and_rolled_back(
-    rc: sf.ResilientConnection, table: Table
+    rc: Resilient, table: Table
 ) -> None:
     async def later() -> None:  # pragma: no cover - never awaited; closed by run()
         pass
@@ -437,9 +474,17 @@ def test_a_unit_that_returns_a_coroutine_is_refused_and_rolled_back(
         return later()
 
     counted = Counted(unit)
-    # filterwarnings=error: a coroutine left un-awaited would fail the test at collection.
-    with pytest.raises(TypeError, match="awaitable"):
-        rc.run(counted)
+    if isinstance(rc, BlockingResilientConnection):
+        # The async run's counterpart: a plain function that returns no awaitable is
+        # refused and its transaction rolled back (the connection takes units again).
+        counted = Counted(lambda raw: "not awaitable")
+        with pytest.raises(TypeError, match="not an awaitable"):
+            rc.run_as_given(counted)
+        assert rc.run(lambda raw: exe(raw, "SELECT 41 + 1").fetchone()[0]) == 42
+    else:
+        # filterwarnings=error: a coroutine left un-awaited would fail the test at collection.
+        with pytest.raises(TypeError, match="awaitable"):
+            rc.run(counted)
     assert counted.runs == 1
     assert table.rows() == []
 
@@ -454,7 +499,7 @@ def _round_trip(err: BaseException, driver: str) -> None:
     assert str(copy) == str(err)
     for attr in ("failure", "attempts", "elapsed", "target", "xid", "rule"):
         assert getattr(copy, attr, None) == getattr(err, attr, None), attr
-    base = psycopg.Error if driver == "psycopg" else pyodbc.Error
+    base = psycopg.Error if driver != "pyodbc" else pyodbc.Error
     assert isinstance(copy, base)
     # A fresh interpreter (another process: multiprocessing, Celery) reads it too.
     shown = subprocess.run(
@@ -481,7 +526,7 @@ def test_every_public_error_raised_for_real_pickles(driver: str) -> None:
         with FaultProxy(cluster.host, cluster.port) as proxy:
             info = conninfo(driver, cluster, host=proxy.host, port=str(proxy.port),
                                user="app")
-            with sf.connect(info, driver=driver, policy=FAST) as rc:
+            with connect(info, driver=driver, policy=FAST) as rc:
                 with pytest.raises(sf.UnitContractError) as contract:
                     rc.run(lambda raw: rc.run(lambda inner: None))
                 raised.append(contract.value)
@@ -492,7 +537,7 @@ def test_every_public_error_raised_for_real_pickles(driver: str) -> None:
                 cluster.stop_both()
                 rc_policy = sf.RetryPolicy(deadline=0.5)
                 with pytest.raises(sf.RetriesExhausted) as exhausted:
-                    sf.connect(info, driver=driver, policy=rc_policy)
+                    connect(info, driver=driver, policy=rc_policy)
                 raised.append(exhausted.value)
     assert [type(e).__name__ for e in raised] == [
         "UnitContractError", "CommitOutcomeUnknown", "RetriesExhausted"]
