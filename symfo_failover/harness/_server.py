@@ -515,19 +515,29 @@ class LocalServer:
         if pid is None or not self._hold:
             raise ServerError(f"{self!r} is not running held in recovery")
         # pg_ctl writes promote.signal and signals the postmaster; doing the same by hand
-        # from here was not acted on, so the supported tool is used.
-        result = subprocess.run(
-            [str(self.bindir / "pg_ctl"), "promote", "--no-wait", "-D", str(self.data_dir)],
-            env=_server_env(),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            **_popen_identity(self._os_user),
-        )
-        if result.returncode != 0:
-            raise ServerError(f"pg_ctl promote failed: {result.stdout}{result.stderr}")
+        # from here was not acted on, so the supported tool is used. It refuses ("not in
+        # standby mode") until the startup process has marked the control file as in
+        # recovery, which a loaded machine can delay past the postmaster's listening:
+        # asked again until the timeout.
+        deadline = time.monotonic() + timeout
+        while True:
+            result = subprocess.run(
+                [str(self.bindir / "pg_ctl"), "promote", "--no-wait", "-D",
+                 str(self.data_dir)],
+                env=_server_env(),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+                **_popen_identity(self._os_user),
+            )
+            said = f"{result.stdout}{result.stderr}"
+            if result.returncode == 0:
+                break
+            if "not in standby mode" not in said or time.monotonic() > deadline:
+                raise ServerError(f"pg_ctl promote failed: {said}")
+            time.sleep(0.02)
         if not _wait_for(lambda: self._pidfile_status(pid) == "ready", timeout):
             raise ServerError(
                 f"{self!r} did not finish recovery within {timeout}s; "

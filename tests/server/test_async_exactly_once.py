@@ -43,7 +43,7 @@ from resilient_helpers import Recorder
 from test_exactly_once import Injector
 
 import symfo_failover as sf
-from symfo_failover.harness import FaultProxy, LocalCluster, LocalServer, ServerError
+from symfo_failover.harness import FaultProxy, LocalCluster, LocalServer
 
 pytestmark = pytest.mark.server
 
@@ -224,38 +224,10 @@ async def bank_task(conninfo: str, seed: int, stop: threading.Event, out: Bank) 
 
 
 class BankInjector(Injector):
-    """The sync bank's injector, with a way round a race of the harness's failover.
-
-    ``LocalCluster.failover(startup_delay=...)`` starts the new node held in recovery
-    and returns as soon as its postmaster listens; `LocalServer.promote` then runs
-    ``pg_ctl promote``, which refuses ("server is not in standby mode") while the
-    startup process has not yet marked pg_control as in archive recovery. Under the load
-    of 32 reconnecting sessions on two cores that happens. The node is then running, held
-    in recovery: the promotion is tried again until pg_ctl accepts it.
-    """
+    """The sync bank's injector, given the async bank's record (it needs `committed()`)."""
 
     def __init__(self, cluster: LocalCluster, proxy: FaultProxy, out: Bank) -> None:
         super().__init__(cluster, proxy, out)  # type: ignore[arg-type]  # needs committed()
-        self.cluster: LocalCluster = cluster
-        self.promote_retries = 0
-
-    def failover(self) -> bool:
-        try:
-            return super().failover()
-        except ServerError as exc:
-            if "not in standby mode" not in str(exc) or self.cluster.active is None:
-                raise
-        server = self.cluster.server(self.cluster.active)
-        end = time.monotonic() + 30
-        while True:
-            self.promote_retries += 1
-            time.sleep(0.05)
-            try:
-                server.promote()
-                return True
-            except ServerError as exc:
-                if "not in standby mode" not in str(exc) or time.monotonic() > end:
-                    raise
 
 
 def inject(injector: Injector, faults: int, stop: threading.Event, limit: float) -> None:
@@ -347,7 +319,7 @@ def run_bank(cluster: LocalCluster, proxy: FaultProxy, faults: int, limit: float
           f"{dict(collections.Counter((e.phase, e.outcome) for e in interruptions))}; "
           f"events {dict(out.events)}; commit resolutions {dict(out.resolutions)}; "
           f"failovers seen {out.failovers}; tasks that committed after the last fault "
-          f"{len(out.recovered)}/{TASKS}; promotions tried again {injector.promote_retries}")
+          f"{len(out.recovered)}/{TASKS}")
 
     assert not hung, f"tasks did not finish: {hung}"
     assert not died, f"tasks failed: {died}"
