@@ -363,7 +363,10 @@ def run_bank(cluster: LocalCluster, proxy: FaultProxy, faults: int, limit: float
     # could not vouch for (a restart while COMMIT was in flight, docs/resilient.md).
     others = [t for t, exc in good_raised.items() if not isinstance(exc, sf.CommitOutcomeUnknown)]
     assert not others, explain(out, others)
-    assert len(good_raised) <= max(2, len(out.returned) // 50), explain(out, list(good_raised))
+    # Rare: one restart can leave every task's in-flight COMMIT unknown at once, so the
+    # bound is one per task, or 2% of the transfers in a long run.
+    assert len(good_raised) <= max(TASKS, len(out.returned) // 50), \
+        explain(out, list(good_raised))
     # Every connection works after the last fault.
     assert len(out.recovered) == TASKS, \
         f"tasks that never committed after the last fault: {set(range(TASKS)) - out.recovered}"
