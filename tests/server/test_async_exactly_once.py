@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import logging
 import random
 import sys
 import threading
@@ -40,7 +39,15 @@ from typing import Any
 import psycopg
 import pytest
 from resilient_helpers import Recorder
-from test_exactly_once import Injector
+from test_exactly_once import (
+    MISBEHAVIOURS,
+    Injector,
+    capture_logs,
+    check_books,
+    explain,
+    open_bank,
+    read_books,
+)
 
 import symfo_failover as sf
 from symfo_failover.harness import FaultProxy, LocalCluster, LocalServer
@@ -56,7 +63,6 @@ TASKS = 32
 #: More accounts than the sync bank: 32 tasks on 10 rows would spend their time in
 #: deadlock_timeout. Deadlocks (40P01, retried) still happen.
 ACCOUNTS = 48
-OPENING_BALANCE = 1000
 #: One unit in this many misbehaves.
 MISBEHAVE_EVERY = 7
 PASSWORD = "async-bank-secret"
@@ -65,18 +71,8 @@ POLICY = sf.RetryPolicy(deadline=60)
 
 @pytest.fixture
 def bank() -> Iterator[tuple[LocalCluster, FaultProxy]]:
-    with LocalCluster(password=PASSWORD) as cluster:
-        cluster.start()
-        with psycopg.connect(cluster.conninfo(), autocommit=True) as conn:
-            conn.execute("CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL)")
-            conn.execute(
-                "INSERT INTO accounts SELECT g, %s FROM generate_series(1, %s) g",
-                (OPENING_BALANCE, ACCOUNTS),
-            )
-            # No unique constraint: a transfer stored twice must show as two rows.
-            conn.execute("CREATE TABLE ledger (transfer_id text, src int, dst int, amount int)")
-        with FaultProxy(cluster.host, cluster.port) as proxy:
-            yield cluster, proxy
+    with open_bank(ACCOUNTS, PASSWORD) as opened:
+        yield opened
 
 
 async def transfer(raw: psycopg.AsyncConnection[Any], transfer_id: str, src: int, dst: int,
@@ -87,17 +83,6 @@ async def transfer(raw: psycopg.AsyncConnection[Any], transfer_id: str, src: int
     await raw.execute("INSERT INTO ledger VALUES (%s, %s, %s, %s)",
                       (transfer_id, src, dst, amount))
     return transfer_id
-
-
-#: How a misbehaving unit breaks the contract, and the rule it must be told it broke.
-MISBEHAVIOURS = {
-    "nested": "nested-run",
-    "commit": "ended-transaction",
-    "sql_commit": "ended-transaction",
-    "rollback": "ended-transaction",
-    "close": "closed-connection",
-    "swallow": "swallowed-error",
-}
 
 
 def misbehaving(rc: sf.AsyncResilientConnection[Any],
@@ -287,30 +272,13 @@ def run_bank(cluster: LocalCluster, proxy: FaultProxy, faults: int, limit: float
              cancel_every: int = 0) -> None:
     conninfo = cluster.conninfo(host=proxy.host, port=str(proxy.port))
     out = Bank(cancel_every=cancel_every)
-    logged = _LogCapture()
-    logger = logging.getLogger("symfo_failover")
-    level = logger.level
-    logger.addHandler(logged)
-    logger.setLevel(logging.DEBUG)
     injector = BankInjector(cluster, proxy, out)
     started = time.monotonic()
-    try:
+    with capture_logs() as logged:
         hung, died = asyncio.run(bank_run(conninfo, injector, out, faults, limit))
-    finally:
-        logger.removeHandler(logged)
-        logger.setLevel(level)
     spent = time.monotonic() - started
-
-    with psycopg.connect(cluster.conninfo()) as conn:
-        total = conn.execute("SELECT sum(balance) FROM accounts").fetchone()
-        rows = conn.execute("SELECT transfer_id, count(*) FROM ledger GROUP BY 1").fetchall()
-        flows = conn.execute(
-            "SELECT a.id, a.balance, "
-            "  coalesce((SELECT sum(amount) FROM ledger WHERE dst = a.id), 0) - "
-            "  coalesce((SELECT sum(amount) FROM ledger WHERE src = a.id), 0) "
-            "FROM accounts a ORDER BY a.id"
-        ).fetchall()
-    in_ledger = dict(rows)
+    books = read_books(cluster)
+    in_ledger = books.in_ledger
     interruptions = [e for events in out.cancelled.values() for e in events]
 
     print(f"\nasync: {sum(injector.counts.values())} faults {dict(injector.counts)} in "
@@ -328,56 +296,19 @@ def run_bank(cluster: LocalCluster, proxy: FaultProxy, faults: int, limit: float
     assert sum(injector.counts.values()) >= faults, \
         f"only {dict(injector.counts)} faults within {limit} s"
     assert not out.wrong, f"run() returned what the unit did not: {out.wrong}"
-    # No secret in any event or log line.
-    assert not out.leaks, out.leaks[:3]
-    assert logged.lines, "the events were logged"
-    assert not [line for line in logged.lines if PASSWORD in line]
-    # Every misbehaving unit was refused for the rule it broke, and committed nothing.
-    assert out.bad, "some units misbehaved"
-    wrong = {t: (rule, out.raised.get(t)) for t, rule in out.bad.items()
-             if not (isinstance(out.raised.get(t), sf.UnitContractError)
-                     and getattr(out.raised[t], "rule", None) == rule)}
-    assert not wrong, f"misbehaving units not refused as such: {list(wrong.items())[:3]}"
-    assert not [t for t in in_ledger if t.startswith("bad-")], "a misbehaving unit committed"
-    good_raised = {t: exc for t, exc in out.raised.items() if t not in out.bad}
-    # The books balance, and every account's balance is exactly what its ledger says.
-    assert total == (ACCOUNTS * OPENING_BALANCE,)
-    for account, balance, net in flows:
-        assert balance == OPENING_BALANCE + net, f"account {account}"
-    # Every transfer that returned is in the ledger exactly once.
-    duplicated = {k: n for k, n in in_ledger.items() if n != 1}
-    assert not duplicated, f"stored more than once: {duplicated}"
-    missing = [t for t in out.returned if t not in in_ledger]
-    assert not missing, f"returned but not stored: {explain(out, missing)}"
+    check_books(out, books, logged, accounts=ACCOUNTS, password=PASSWORD,
+                # one restart can leave every task's in-flight COMMIT unknown at once
+                unknown_bound=TASKS, also_asked=out.cancelled)
     # A call that timed out was reported interrupted once, and its outcome is the truth.
     untrue = [t for t, events in out.cancelled.items()
               if misreported(events, in_ledger.get(t, 0))]
     assert not untrue, f"timed out, misreported: {explain(out, untrue)}"
-    # Nothing that raised is in the ledger, unless its COMMIT's outcome was unknown.
-    stray = [t for t, exc in good_raised.items()
-             if t in in_ledger and not isinstance(exc, sf.CommitOutcomeUnknown)]
-    assert not stray, f"raised but stored: {explain(out, stray)}"
-    # Nothing in the ledger that nobody asked for.
-    assert set(in_ledger) <= set(out.returned) | set(good_raised) | set(out.cancelled)
-    # Every failover was outlived: the only errors are COMMITs whose outcome the server
-    # could not vouch for (a restart while COMMIT was in flight, docs/resilient.md).
-    others = [t for t, exc in good_raised.items() if not isinstance(exc, sf.CommitOutcomeUnknown)]
-    assert not others, explain(out, others)
-    # Rare: one restart can leave every task's in-flight COMMIT unknown at once, so the
-    # bound is one per task, or 2% of the transfers in a long run.
-    assert len(good_raised) <= max(TASKS, len(out.returned) // 50), \
-        explain(out, list(good_raised))
     # Every connection works after the last fault.
     assert len(out.recovered) == TASKS, \
         f"tasks that never committed after the last fault: {set(range(TASKS)) - out.recovered}"
     # Only the calls that timed out were reported interrupted.
     assert out.events["UnitInterrupted"] == len(out.cancelled)
     assert bool(out.cancelled) == bool(cancel_every)
-    # Both branches of a lost COMMIT were exercised, and failovers were seen as such.
-    assert out.resolutions["committed"] > 0
-    assert out.resolutions["aborted"] > 0
-    assert out.failovers > 0
-    assert out.events["UnitReplayed"] > 0
 
 
 #: What a call interrupted in each phase may say became of its unit. Faults or not:
@@ -400,27 +331,6 @@ def misreported(events: list[sf.UnitInterrupted], rows: int) -> bool:
     if event.outcome == "unknown":
         return rows > 1
     return rows != 0
-
-
-class _LogCapture(logging.Handler):
-    """Every line the library logs during the run, formatted, at any level."""
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record) + " " + repr(record.__dict__))
-
-
-def explain(out: Bank, transfers: list[str]) -> str:
-    lines = []
-    for t in transfers[:5]:
-        lines.append(f"{t}: {out.raised.get(t, out.cancelled.get(t))!r}")
-        for e in out.trail.get(t, []):
-            fields = {k: v for k, v in e.fields().items() if k != "target"}
-            lines.append(f"    {type(e).__name__} {fields}")
-    return "\n".join(lines)
 
 
 def test_async_bank_commits_exactly_once_through_100_faults(
