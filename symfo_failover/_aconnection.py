@@ -19,7 +19,6 @@ from typing import (
     TYPE_CHECKING,
     Any,
     Concatenate,
-    Generic,
     ParamSpec,
     Protocol,
     TypeVar,
@@ -29,14 +28,14 @@ from typing import (
 from . import _core
 from . import _events as ev
 from ._classify import classify
-from ._connection import PROBE_TIMEOUT, make_core
+from ._connection import PROBE_TIMEOUT, ConnectionFacts, make_core
 from ._contract import refuse_sync_function, require_awaitable
 from ._core import Core, Flow, Job
 from ._decide import Phase, Situation, Step, next_step
 from ._errors import UnitContractError
 from ._policy import RetryPolicy
 from ._probe import probe
-from ._target import AsyncDriver, SessionInfo, Target, normalise_isolation
+from ._target import AsyncDriver, Target, normalise_isolation
 
 if TYPE_CHECKING:
     import psycopg
@@ -71,7 +70,7 @@ class AsyncDriverSource:
         await self._driver.close(raw)
 
 
-class AsyncResilientConnection(Generic[C]):
+class AsyncResilientConnection(ConnectionFacts[C]):
     """A psycopg ``AsyncConnection`` that survives failover. Make one with
     `symfo_failover.connect_async`.
 
@@ -96,11 +95,6 @@ class AsyncResilientConnection(Generic[C]):
         self._lock = asyncio.Lock()
         self._ops = self._operations()
 
-    def __repr__(self) -> str:
-        link = self._core.link
-        state = "closed" if link.closed else ("connected" if link.raw is not None else "idle")
-        return f"<{type(self).__name__} {self._core.target.description} {state}>"
-
     # --- public: units of work -----------------------------------------------------
 
     async def run(self, fn: Callable[Concatenate[C, _P], Awaitable[_T]], /,
@@ -122,29 +116,6 @@ class AsyncResilientConnection(Generic[C]):
             return await self._drive(self._core.run(job))
 
     # --- public: passthrough ---------------------------------------------------------
-
-    @property
-    def connection(self) -> C | None:
-        """The current driver connection (None while there is no session)."""
-        return self._core.link.raw  # type: ignore[no-any-return]
-
-    @property
-    def closed(self) -> bool:
-        return self._core.link.closed
-
-    @property
-    def driver(self) -> str:
-        return str(self._driver.name)
-
-    @property
-    def target(self) -> str:
-        """Where this connection connects, without secrets."""
-        return self._core.target.description
-
-    @property
-    def session(self) -> SessionInfo | None:
-        """Facts about the current session (pid, server start time), if any."""
-        return self._core.link.info
 
     @overload
     async def cursor(self: AsyncResilientConnection[psycopg.AsyncConnection[Row]],
@@ -375,9 +346,6 @@ class AsyncResilientConnection(Generic[C]):
             error: UnitContractError = guard.refuse(rule, what)
             raise error
 
-    def _check_open(self) -> None:
-        if self._core.link.closed:
-            raise self._driver.closed_error()
 
 
 def _cancelling(task: asyncio.Task[Any] | None) -> int:

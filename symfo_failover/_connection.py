@@ -54,7 +54,46 @@ class DriverSource(Generic[C]):
         self._driver.close(raw)
 
 
-class ResilientConnection(Generic[C]):
+class ConnectionFacts(Generic[C]):
+    """What the sync and the async connection say about themselves alike, read from
+    the core's `_core.Link` (no I/O)."""
+
+    _core: Core
+
+    def __repr__(self) -> str:
+        link = self._core.link
+        state = "closed" if link.closed else ("connected" if link.raw is not None else "idle")
+        return f"<{type(self).__name__} {self._core.target.description} {state}>"
+
+    @property
+    def connection(self) -> C | None:
+        """The current driver connection (None while there is no session)."""
+        return self._core.link.raw  # type: ignore[no-any-return]
+
+    @property
+    def closed(self) -> bool:
+        return self._core.link.closed
+
+    @property
+    def driver(self) -> str:
+        return self._core.driver.name
+
+    @property
+    def target(self) -> str:
+        """Where this connection connects, without secrets."""
+        return self._core.target.description
+
+    @property
+    def session(self) -> SessionInfo | None:
+        """Facts about the current session (pid, server start time), if any."""
+        return self._core.link.info
+
+    def _check_open(self) -> None:
+        if self._core.link.closed:
+            raise self._core.driver.closed_error()
+
+
+class ResilientConnection(ConnectionFacts[C]):
     """A connection that survives failover. Make one with `symfo_failover.connect`.
 
     Use `run` for units of work (exactly once); the DB-API methods pass through to the
@@ -76,11 +115,6 @@ class ResilientConnection(Generic[C]):
         self._source = source or DriverSource(driver, core.target)
         self._lock = threading.RLock()
         self._ops = self._operations()
-
-    def __repr__(self) -> str:
-        link = self._core.link
-        state = "closed" if link.closed else ("connected" if link.raw is not None else "idle")
-        return f"<{type(self).__name__} {self._core.target.description} {state}>"
 
     # --- public: units of work -----------------------------------------------------
 
@@ -108,29 +142,6 @@ class ResilientConnection(Generic[C]):
             return self._drive(self._core.run(job))  # type: ignore[no-any-return]
 
     # --- public: DB-API passthrough -----------------------------------------------
-
-    @property
-    def connection(self) -> C | None:
-        """The current driver connection (None while there is no session)."""
-        return self._core.link.raw  # type: ignore[no-any-return]
-
-    @property
-    def closed(self) -> bool:
-        return self._core.link.closed
-
-    @property
-    def driver(self) -> str:
-        return self._driver.name
-
-    @property
-    def target(self) -> str:
-        """Where this connection connects, without secrets."""
-        return self._core.target.description
-
-    @property
-    def session(self) -> SessionInfo | None:
-        """Facts about the current session (pid, server start time), if any."""
-        return self._core.link.info
 
     @overload
     def cursor(self: ResilientConnection[psycopg.Connection[Row]], *args: Any,
@@ -330,9 +341,6 @@ class ResilientConnection(Generic[C]):
         assert guard is not None
         return guard.refuse("connection-in-unit", f"{what} on the {type(self).__name__}")
 
-    def _check_open(self) -> None:
-        if self._core.link.closed:
-            raise self._driver.closed_error()
 
 
 def _dbapi(raw: object) -> Any:
