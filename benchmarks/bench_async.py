@@ -147,14 +147,8 @@ async def _interleave(pairs: list[Any], rounds: int, units: int, seed: int = 5) 
                 else:
                     op(i)
                 got[pair.name, side].append(clock() - began)
-        if r < 0:
-            continue
-        for pair in pairs:
-            for side in ("raw", "lib"):
-                pair.times[side].extend(got[pair.name, side])
-            pair.round_ratios.append(
-                statistics.median(got[pair.name, "lib"]) / statistics.median(got[pair.name, "raw"])
-            )
+        if r >= 0:
+            br.record_round(pairs, got)
 
 
 def _make_table(admin_conninfo: str) -> tuple[str, str]:

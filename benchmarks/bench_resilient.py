@@ -132,14 +132,18 @@ def _interleave(pairs: list[_Pair], rounds: int, units: int, seed: int = 5) -> N
                 began = clock()
                 op(i)
                 got[pair.name, side].append(clock() - began)
-        if r < 0:
-            continue
-        for pair in pairs:
-            for side in ("raw", "lib"):
-                pair.times[side].extend(got[pair.name, side])
-            pair.round_ratios.append(
-                statistics.median(got[pair.name, "lib"]) / statistics.median(got[pair.name, "raw"])
-            )
+        if r >= 0:
+            record_round(pairs, got)
+
+
+def record_round(pairs: list[_Pair], got: dict[tuple[str, str], list[float]]) -> None:
+    """Keep one round's timings (``got[name, side]``) and its median ratio per pair."""
+    for pair in pairs:
+        for side in ("raw", "lib"):
+            pair.times[side].extend(got[pair.name, side])
+        pair.round_ratios.append(
+            statistics.median(got[pair.name, "lib"]) / statistics.median(got[pair.name, "raw"])
+        )
 
 
 def _q(values: list[float], q: float) -> float:
