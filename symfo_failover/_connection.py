@@ -278,18 +278,7 @@ class ResilientConnection(ConnectionFacts[C]):
 
     def _drive(self, flow: Flow[_T]) -> _T:
         """Run ``flow`` to its end, carrying out each operation it yields."""
-        ops = self._ops
-        try:
-            op = flow.send(None)
-            while True:
-                try:
-                    value = ops[op[0]](*op[1:])
-                except BaseException as exc:
-                    op = flow.throw(exc)
-                else:
-                    op = flow.send(value)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
+        return drive(flow, self._ops)
 
     def _operations(self) -> list[Callable[..., Any]]:
         driver = self._driver
@@ -302,7 +291,7 @@ class ResilientConnection(ConnectionFacts[C]):
             _core.OP_APPLY_STATE: driver.apply_state,
             _core.OP_CONFIGURE: self._run_configure,
             _core.OP_BEGIN: driver.begin,
-            _core.OP_UNIT: _call_unit,
+            _core.OP_UNIT: call_unit,
             _core.OP_COMMIT: driver.commit,
             _core.OP_ROLLBACK: driver.rollback,
             _core.OP_XACT_STATUS: driver.xact_status,
@@ -343,12 +332,28 @@ class ResilientConnection(ConnectionFacts[C]):
 
 
 
+def drive(flow: Flow[_T], ops: list[Callable[..., Any]]) -> _T:
+    """Run ``flow`` to its end, carrying out each operation it yields with ``ops``
+    (indexed by the operation's number)."""
+    try:
+        op = flow.send(None)
+        while True:
+            try:
+                value = ops[op[0]](*op[1:])
+            except BaseException as exc:
+                op = flow.throw(exc)
+            else:
+                op = flow.send(value)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
 def _dbapi(raw: object) -> Any:
     """The session as the DB-API object it is (cursor, commit: as each driver has them)."""
     return raw
 
 
-def _call_unit(job: Job, lent: Any) -> Any:
+def call_unit(job: Job, lent: Any) -> Any:
     fn, args, kwargs = job
     result = fn(lent, *args, **kwargs)
     refuse_awaitable_result(result, fn)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import getpass
 import os
+import select
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -103,12 +104,14 @@ _DETECTION = {
 }
 
 
-class GuardedConnection(psycopg.Connection[Any]):  # any row factory
+class _SyncGuard:
     """A psycopg connection that refuses, while a unit of work runs on it, every call
     that would end the unit's transaction (the way psycopg itself refuses ``commit()``
     inside ``Connection.transaction()``). Outside a unit it is a plain connection.
 
     The library calls ``psycopg.Connection``'s own methods for its BEGIN and COMMIT.
+    Mixed into psycopg's ``Connection`` (`GuardedConnection`) or into a pool's
+    ``connection_class`` (`guarded_class`).
     """
 
     _symfo_guard: UnitGuard | None = None
@@ -117,34 +120,49 @@ class GuardedConnection(psycopg.Connection[Any]):  # any row factory
     def commit(self) -> None:
         if self._symfo_guard is not None:
             raise self._symfo_guard.refuse("ended-transaction", "commit() was called")
-        super().commit()
+        super().commit()  # type: ignore[misc]
 
     def rollback(self) -> None:
         if self._symfo_guard is not None:
             raise self._symfo_guard.refuse("ended-transaction", "rollback() was called")
-        super().rollback()
+        super().rollback()  # type: ignore[misc]
 
     def close(self) -> None:
         if self._symfo_guard is not None:
             raise self._symfo_guard.refuse("closed-connection", "close() was called")
-        super().close()
+        super().close()  # type: ignore[misc]
 
     def set_autocommit(self, value: bool) -> None:
         # The ``autocommit`` property's setter comes here too.
         if self._symfo_guard is not None:
             raise self._symfo_guard.refuse("ended-transaction", "autocommit was set")
-        super().set_autocommit(value)
+        super().set_autocommit(value)  # type: ignore[misc]
 
     def tpc_begin(self, xid: Any) -> None:
         if self._symfo_guard is not None:
             raise self._symfo_guard.refuse("ended-transaction", "tpc_begin() was called")
-        super().tpc_begin(xid)
+        super().tpc_begin(xid)  # type: ignore[misc]
 
     def tpc_prepare(self) -> None:
         if self._symfo_guard is not None:
             raise self._symfo_guard.refuse("ended-transaction", "tpc_prepare() was called")
-        super().tpc_prepare()
+        super().tpc_prepare()  # type: ignore[misc]
 
+
+class GuardedConnection(_SyncGuard, psycopg.Connection[Any]):  # any row factory
+    """`_SyncGuard` over psycopg's own ``Connection``: the resilient connection's."""
+
+
+@functools.lru_cache(maxsize=16)
+def guarded_class(cls: type[Any]) -> type[Any]:
+    """``cls`` (a ``psycopg.Connection`` class) with the unit guard mixed in: what a
+    failover pool makes its connections with. Its ``connect`` is ``cls``'s own."""
+    if issubclass(cls, _SyncGuard):
+        return cls
+    if cls is psycopg.Connection:
+        return GuardedConnection
+    return type(cls.__name__, (_SyncGuard, cls), {"__module__": cls.__module__,
+                                                  "__qualname__": cls.__qualname__})
 
 class _StatementGuard:
     """Mixed into the unit's cursor class while a unit runs: statements that end the
@@ -190,8 +208,8 @@ _BAD = int(ConnStatus.BAD)
 # adapter's: they read attributes, not the network. What talks to the server is async.
 
 
-class GuardedAsyncConnection(psycopg.AsyncConnection[Any]):
-    """`GuardedConnection` for ``psycopg.AsyncConnection``."""
+class _AsyncGuard:
+    """`_SyncGuard` for ``psycopg.AsyncConnection``."""
 
     _symfo_guard: UnitGuard | None = None
     _symfo_cursor_factory: type[psycopg.AsyncCursor[Any]]
@@ -199,32 +217,47 @@ class GuardedAsyncConnection(psycopg.AsyncConnection[Any]):
     async def commit(self) -> None:
         if self._symfo_guard is not None:
             raise self._symfo_guard.refuse("ended-transaction", "commit() was called")
-        await super().commit()
+        await super().commit()  # type: ignore[misc]
 
     async def rollback(self) -> None:
         if self._symfo_guard is not None:
             raise self._symfo_guard.refuse("ended-transaction", "rollback() was called")
-        await super().rollback()
+        await super().rollback()  # type: ignore[misc]
 
     async def close(self) -> None:
         if self._symfo_guard is not None:
             raise self._symfo_guard.refuse("closed-connection", "close() was called")
-        await super().close()
+        await super().close()  # type: ignore[misc]
 
     async def set_autocommit(self, value: bool) -> None:
         if self._symfo_guard is not None:
             raise self._symfo_guard.refuse("ended-transaction", "autocommit was set")
-        await super().set_autocommit(value)
+        await super().set_autocommit(value)  # type: ignore[misc]
 
     async def tpc_begin(self, xid: Any) -> None:
         if self._symfo_guard is not None:
             raise self._symfo_guard.refuse("ended-transaction", "tpc_begin() was called")
-        await super().tpc_begin(xid)
+        await super().tpc_begin(xid)  # type: ignore[misc]
 
     async def tpc_prepare(self) -> None:
         if self._symfo_guard is not None:
             raise self._symfo_guard.refuse("ended-transaction", "tpc_prepare() was called")
-        await super().tpc_prepare()
+        await super().tpc_prepare()  # type: ignore[misc]
+
+
+class GuardedAsyncConnection(_AsyncGuard, psycopg.AsyncConnection[Any]):
+    """`_AsyncGuard` over psycopg's own ``AsyncConnection``."""
+
+
+@functools.lru_cache(maxsize=16)
+def guarded_async_class(cls: type[Any]) -> type[Any]:
+    """`guarded_class` for ``psycopg.AsyncConnection`` classes."""
+    if issubclass(cls, _AsyncGuard):
+        return cls
+    if cls is psycopg.AsyncConnection:
+        return GuardedAsyncConnection
+    return type(cls.__name__, (_AsyncGuard, cls), {"__module__": cls.__module__,
+                                                   "__qualname__": cls.__qualname__})
 
 
 class _AsyncStatementGuard:
@@ -484,3 +517,75 @@ def _endpoints(params: Mapping[str, Any]) -> tuple[_t.Endpoint, ...]:
     return tuple(result)
 
 
+
+
+# --- what a failover pool reads of its connections --------------------------------------
+
+_SESSION_INFO_BYTES = _t.SESSION_INFO_SQL.encode()
+_POLLIN = select.POLLIN | select.POLLERR | select.POLLHUP
+
+
+def pooled_session_info(raw: psycopg.Connection[Any]) -> _t.SessionInfo:
+    """`SessionInfo` of a new pooled connection, in one round trip straight through
+    libpq: psycopg opens no transaction for it, whatever ``autocommit`` says."""
+    result = raw.pgconn.exec_(_SESSION_INFO_BYTES)
+    if result.status != ExecStatus.TUPLES_OK:
+        raise _error(raw, result)
+    return _info_from_result(result)
+
+
+async def apooled_session_info(raw: psycopg.AsyncConnection[Any]) -> _t.SessionInfo:
+    """`pooled_session_info` for ``AsyncConnection``."""
+    pgconn = raw.pgconn
+    async with raw.lock:
+        pgconn.send_query(_SESSION_INFO_BYTES)
+        results = await raw.wait(generators.execute(pgconn))
+    result = results[-1]
+    if result.status != ExecStatus.TUPLES_OK:
+        raise _error(raw, result)
+    return _info_from_result(result)
+
+
+def _info_from_result(result: PGresult) -> _t.SessionInfo:
+    values = [result.get_value(0, i) for i in range(3)]
+    return _t.session_info_of(tuple((v or b"").decode() for v in values))
+
+
+def unit_state(raw: psycopg.BaseConnection[Any]) -> _t.SessionState:
+    """The transaction settings a pooled connection has (psycopg's ``isolation_level``
+    and ``read_only``, as ``configure`` left them): what a unit's BEGIN asks for."""
+    return _t.SessionState(
+        autocommit=False,
+        isolation_level=_t.normalise_isolation(raw.isolation_level),
+        read_only=raw.read_only,
+    )
+
+
+def gone(raw: psycopg.BaseConnection[Any]) -> bool:
+    """Whether an idle connection is already dead, without a round trip.
+
+    After a switchover or a shutdown the server sends a FATAL and closes the socket; a
+    crashed or killed server's kernel closes it. Either way the socket is readable:
+    libpq reads what is waiting (a FATAL while idle is a notice to libpq), and reading
+    the end of the stream marks the connection bad. A socket with nothing to read is
+    taken as alive: a partition shows only on use (keepalives, ``tcp_user_timeout``).
+    """
+    pgconn = raw.pgconn
+    if pgconn.status == _BAD:
+        return True
+    try:
+        fd = pgconn.socket
+    except psycopg.OperationalError:
+        return True
+    poller = select.poll()
+    poller.register(fd, _POLLIN)
+    for _ in range(3):  # the message, then the end of the stream
+        if not poller.poll(0):
+            return False
+        try:
+            pgconn.consume_input()
+        except psycopg.OperationalError:
+            return True
+        if pgconn.status == _BAD:
+            return True
+    return False

@@ -157,6 +157,51 @@ class UnitInterrupted(Event):
 
 
 @dataclass(frozen=True)
+class PoolFailover(Event):
+    """A pool noticed a failover: the server went away (``reason="server went
+    away"``) or a new connection reached a server with a different start time
+    (``reason="new server"``). Logged once per failover, however many connections
+    noticed it. ``closed_idle`` idle connections to the old server were closed at once;
+    the ones in use are replaced when they come back.
+    """
+
+    name: ClassVar[str] = "pool_failover"
+    level: ClassVar[str] = "warning"
+
+    pool: str
+    reason: str
+    previous_server_started: str | None
+    server_started: str | None
+    closed_idle: int
+    failovers: int
+
+
+@dataclass(frozen=True)
+class PoolRefilled(Event):
+    """After a failover, the pool is full again of connections to the new server;
+    ``seconds`` from noticing the failover (``elapsed`` is the same)."""
+
+    name: ClassVar[str] = "pool_refilled"
+
+    pool: str
+    seconds: float
+    connections: int
+
+
+@dataclass(frozen=True)
+class PoolConnectionReplaced(Event):
+    """One pooled connection was closed and is being replaced. ``reason``: ``dead``
+    (found dead before it was handed out: no request saw it), ``returned broken``,
+    ``old server`` (it belongs to the server before a failover)."""
+
+    name: ClassVar[str] = "pool_connection_replaced"
+    level: ClassVar[str] = "debug"
+
+    pool: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class GaveUp(Event):
     """The policy ran out; the call raises."""
 

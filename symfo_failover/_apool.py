@@ -1,0 +1,293 @@
+"""`AsyncFailoverPool`: psycopg_pool's ``AsyncConnectionPool`` that notices a
+failover once. The same hooks as `FailoverPool` (see ``_pool``), as coroutines where
+psycopg_pool's async pool has them; the bookkeeping is shared (`_pool_common`).
+``run()`` is the async runner of the unit-of-work core on pooled connections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from time import monotonic
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+from psycopg_pool.abc import ACT
+from psycopg_pool.pool_async import AddConnection
+
+from . import _core
+from . import _events as ev
+from ._aconnection import AsyncResilientConnection
+from ._driver_psycopg import (
+    AsyncPsycopgDriver,
+    apooled_session_info,
+    gone,
+    guarded_async_class,
+)
+from ._policy import RetryPolicy
+from ._pool_common import (
+    RUNNING,
+    FailoverBookkeeping,
+    finish,
+    nested_run,
+    stale_error,
+    tag,
+)
+from ._pool_state import Verdict
+
+if TYPE_CHECKING:
+    from psycopg_pool.abc import (
+        AsyncConnectFailedCB,
+        AsyncConnectionCB,
+        AsyncConninfoParam,
+        AsyncKwargsParam,
+    )
+
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+
+class AsyncFailoverPool(FailoverBookkeeping, AsyncConnectionPool[ACT]):
+    """psycopg_pool's ``AsyncConnectionPool`` that notices a failover once and
+    replaces every connection to the old server at once. Arguments: those of
+    ``AsyncConnectionPool``, plus ``policy`` and ``on_event`` (see `FailoverPool`)."""
+
+    _add_task = AddConnection
+
+    def __init__(
+        self,
+        conninfo: AsyncConninfoParam = "",
+        *,
+        connection_class: type[ACT] = cast("type[ACT]", psycopg.AsyncConnection),  # noqa: B008
+        kwargs: AsyncKwargsParam | None = None,
+        min_size: int = 4,
+        max_size: int | None = None,
+        open: bool | None = None,
+        configure: AsyncConnectionCB[ACT] | None = None,
+        check: AsyncConnectionCB[ACT] | None = None,
+        reset: AsyncConnectionCB[ACT] | None = None,
+        name: str | None = None,
+        close_returns: bool = False,
+        timeout: float = 30.0,
+        max_waiting: int = 0,
+        max_lifetime: float = 60 * 60.0,
+        max_idle: float = 10 * 60.0,
+        reconnect_timeout: float = 5 * 60.0,
+        reconnect_failed: AsyncConnectFailedCB | None = None,
+        num_workers: int = 3,
+        policy: RetryPolicy | None = None,
+        on_event: ev.EventHook | None = None,
+    ) -> None:
+        self._init_failover(policy, on_event, conninfo, kwargs, connection_class,
+                            psycopg.AsyncConnection)
+        self._driver = AsyncPsycopgDriver()
+        super().__init__(
+            conninfo,
+            connection_class=guarded_async_class(connection_class),  # type: ignore[arg-type]
+            kwargs=kwargs,
+            min_size=min_size,
+            max_size=max_size,
+            open=open,
+            configure=configure,
+            check=check,
+            reset=reset,
+            name=name,
+            close_returns=close_returns,
+            timeout=timeout,
+            max_waiting=max_waiting,
+            max_lifetime=max_lifetime,
+            max_idle=max_idle,
+            reconnect_timeout=reconnect_timeout,
+            reconnect_failed=reconnect_failed,
+            num_workers=num_workers,
+        )
+
+    # --- public: units of work -----------------------------------------------------------
+
+    async def run(self, fn: Callable[Concatenate[ACT, _P], Awaitable[_T]], /,
+                  *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """``await fn(connection, *args, **kwargs)`` on a pooled connection, committed
+        exactly once: the guarantees, the contract, the errors and the cancellation
+        rules of `AsyncResilientConnection.run`. On a lost session the unit goes on on
+        another connection of the pool; a lost COMMIT is resolved with the server."""
+        nested = nested_run(RUNNING.get())
+        if nested is not None:
+            raise nested
+        runner = _PooledRunner(self._unit_core(self._driver, await self._lend()),
+                               self._driver, pool=self)
+        core = runner._core
+        token = RUNNING.set(core)
+        try:
+            return await runner.run(fn, *args, **kwargs)
+        finally:
+            RUNNING.reset(token)
+            raw = core.link.raw
+            if raw is not None:
+                core.link.raw = None
+                await self._give_back(raw)
+
+    # --- psycopg_pool's hooks ------------------------------------------------------------
+
+    async def getconn(self, timeout: float | None = None) -> ACT:
+        if timeout is None:
+            timeout = self.timeout
+        deadline = monotonic() + timeout
+        while True:
+            conn = await super().getconn(timeout)
+            if self._is_current(conn):
+                return conn
+            self._replace(conn, "old server")
+            timeout = max(0.0, deadline - monotonic())
+
+    async def _resolve_kwargs(self) -> dict[str, Any]:
+        conninfo = self.conninfo
+        return self._kwargs_with_detection(await super()._resolve_kwargs(),
+                                           conninfo if isinstance(conninfo, str) else "")
+
+    async def _connect(self, timeout: float | None = None) -> ACT:
+        conn: ACT | None = None
+        try:
+            conn = await super()._connect(timeout)
+            info = await apooled_session_info(conn)
+        except psycopg.Error as exc:
+            if conn is not None:
+                finish(conn)
+            previous = self._connect_failed(exc, conn)
+            if previous is not None:
+                self._take_out_old("server went away", previous, None)
+            raise
+        verdict, generation, previous = self._verdict(info)
+        if verdict is Verdict.STALE:
+            finish(conn)
+            raise stale_error(info)
+        tag(conn, generation, info)
+        if verdict is Verdict.NEW_SERVER:
+            self._take_out_old("new server", previous, info.server_started)
+        return conn
+
+    async def _add_connection(self, attempt: Any, growing: bool = False) -> None:
+        now = monotonic()
+        attempt = self._attempt_for(attempt)
+        if self._park(attempt, growing):
+            return
+        try:
+            conn = await self._connect()
+        except Exception as exc:
+            self._attempt_failed(attempt, exc)
+            if attempt.time_to_give_up(now):
+                async with self._lock:
+                    self._giving_up(growing)
+                await self.reconnect_failed()
+            else:
+                attempt.update_delay(now)
+                await self.schedule_task(AddConnection(self, attempt, growing=growing),
+                                         attempt.delay)
+            return
+        for each in self._attempt_worked(attempt):
+            self.run_task(AddConnection(self, growing=each))
+        await self._add_to_pool(conn)
+        self._added(conn)
+        if growing:
+            async with self._lock:
+                if self._nconns < self._min_size or (
+                    self._nconns < self._max_size and self._waiting
+                ):
+                    self._nconns += 1
+                    self.run_task(AddConnection(self, growing=True))
+                else:
+                    self._growing = False
+
+    async def _get_ready_connection(self, timeout: float | None) -> ACT | None:
+        while True:
+            conn = await super()._get_ready_connection(timeout)
+            if conn is None:
+                return None
+            if self._is_current(conn) and not gone(conn):
+                return conn
+            self._stats[self._CONNECTIONS_LOST] += 1
+            self._replace(conn, "dead" if conn.closed else "old server")
+
+    async def _return_connection(self, conn: ACT, from_getconn: bool) -> None:
+        if conn.closed:
+            self._returned_dead(conn)
+        elif not self._is_current(conn):
+            self._replace(conn, "old server")
+            return
+        await super()._return_connection(conn, from_getconn)
+
+    async def _reset_connection(self, conn: ACT) -> None:
+        alive = not conn.closed
+        await super()._reset_connection(conn)
+        if alive and conn.closed:
+            self._returned_dead(conn)
+
+    def _take_out_old(self, reason: str, previous: str | None, started: str | None) -> None:
+        # On the event loop, without awaiting: nothing else touches the pool meanwhile.
+        old = self._take_old_idle()
+        self._failover_event(reason, previous, started, len(old))
+        for conn in old:
+            self._replace(conn, "old server")
+
+    # --- run(): the pool as the core's session source ------------------------------------
+
+    async def _lend(self) -> ACT:
+        conn = await self.getconn()
+        if not conn.autocommit:
+            await psycopg.AsyncConnection.set_autocommit(conn, True)
+        return conn
+
+    async def _discard(self, conn: ACT) -> None:
+        if not conn.closed:
+            conn._symfo_discarded = True  # type: ignore[attr-defined]
+            conn.pgconn.finish()
+        await self.putconn(conn)
+
+    async def _give_back(self, conn: ACT) -> None:
+        autocommit = conn._symfo_autocommit  # type: ignore[attr-defined]
+        if not conn.closed and conn.autocommit != autocommit:
+            await psycopg.AsyncConnection.set_autocommit(conn, autocommit)
+        await self.putconn(conn)
+
+
+class _PooledSource:
+    __slots__ = ("_pool",)
+
+    def __init__(self, pool: AsyncFailoverPool[Any]) -> None:
+        self._pool = pool
+
+    async def connect(self) -> Any:
+        return await self._pool._lend()
+
+    async def discard(self, raw: Any) -> None:
+        await self._pool._discard(raw)
+
+
+class _PooledRunner(AsyncResilientConnection[Any]):
+    """The async runner for one ``run()`` of the pool: the pool is its session source,
+    a connection's session facts and settings are the ones the pool read at connect."""
+
+    def __init__(self, core: _core.Core, driver: AsyncPsycopgDriver,
+                 *, pool: AsyncFailoverPool[Any]) -> None:
+        super().__init__(core, driver, source=_PooledSource(pool))
+
+    def _operations(self) -> list[Callable[..., Awaitable[Any]]]:
+        ops = super()._operations()
+        driver = self._driver
+        ops[_core.OP_INFO] = _info
+        ops[_core.OP_APPLY_STATE] = _nothing
+        ops[_core.OP_CONFIGURE] = _nothing  # psycopg_pool's configure ran at connect
+        ops[_core.OP_BEGIN] = lambda raw, state: driver.begin(raw, raw._symfo_state)
+        ops[_core.OP_PROBE] = _no_answers
+        return ops
+
+
+async def _info(raw: Any) -> Any:
+    return raw._symfo_info
+
+
+async def _nothing(*args: Any) -> None:
+    return None
+
+
+async def _no_answers(target: Any) -> list[Any]:
+    return []

@@ -1,0 +1,221 @@
+"""What a failover pool knows about its connections' server, with no I/O and no locks.
+
+The three pools (`FailoverPool`, `AsyncFailoverPool`, `OdbcFailoverPool`) do their I/O
+their own way; what they decide is decided here, once, and unit-tested with an
+injected clock:
+
+- which *generation* a new connection belongs to, from the server's start time
+  (``pg_postmaster_start_time()``): a different start time is a failover (the other
+  node took over, or the server restarted); a start time of an earlier generation is a
+  straggler to the old server and is not used;
+- whether a failed connect means the server went away (a failover), or is a problem
+  of that one attempt (too many clients, a wrong password);
+- while the server is down, that one connect attempt at a time probes it (the others
+  wait for it), with the `RetryPolicy`'s backoff and jitter instead of one attempt per
+  missing connection;
+- the figures of `failover_stats()`.
+
+A session that dies on a server that did not restart (``pg_terminate_backend``,
+``idle_session_timeout``, a proxy cut) is not a failover: its replacement connects to
+the same start time and only that connection is replaced. SQLSTATE 57P01 is said in
+both cases, so the SQLSTATE alone never decides.
+
+The pool holds its own lock around every call here.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ._kind import Failure, Kind
+from ._policy import RetryPolicy
+
+
+@dataclass(frozen=True)
+class FailoverStats:
+    """What `failover_stats()` reports (counters since the pool was made)."""
+
+    #: Failovers the pool noticed: the server went away or came back with a different
+    #: start time. Each is counted once however many connections noticed it.
+    failovers: int = 0
+    #: Connections closed because they were dead or belonged to the old server.
+    connections_replaced: int = 0
+    #: Requests that were handed a connection that turned out dead: a ``connection()``
+    #: block (or ``getconn()``) whose connection came back broken, a ``run()`` that met a
+    #: lost session (``run()`` then carried on on another connection).
+    requests_met_dead: int = 0
+    #: Seconds from noticing the last failover to a pool full of connections to the
+    #: new server (None until that has happened once).
+    last_refill_seconds: float | None = None
+    #: Each refill, oldest first (at most the last 100).
+    refill_seconds: tuple[float, ...] = ()
+    #: The server start time the current connections were made to (None: not known yet).
+    server_started: str | None = None
+    #: The pool is refilling after a failover now.
+    refilling: bool = False
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "failovers": self.failovers,
+            "connections_replaced": self.connections_replaced,
+            "requests_met_dead": self.requests_met_dead,
+            "last_refill_seconds": self.last_refill_seconds,
+            "refill_seconds": list(self.refill_seconds),
+            "server_started": self.server_started,
+            "refilling": self.refilling,
+        }
+
+
+class Verdict(enum.Enum):
+    """What a new connection's server start time says."""
+
+    #: The same server as the pool's current connections.
+    SAME = "same"
+    #: The first connection, or the first after the server went away.
+    KNOWN_NOW = "known now"
+    #: A different server: a failover. The old generation is to be taken out.
+    NEW_SERVER = "new server"
+    #: A server of an earlier generation (a connect that raced a failover): unusable.
+    STALE = "stale"
+
+
+#: Kinds of a failed connect that mean the server is not there (down, starting up,
+#: switching nodes, unreachable), as opposed to one attempt that was refused.
+_SERVER_GONE = (Kind.CONNECT_FAILED, Kind.CONNECTION_LOST)
+_REFILLS_KEPT = 100
+
+
+@dataclass
+class Generations:
+    """The pool's record of servers and generations (see the module's docstring)."""
+
+    clock: Callable[[], float]
+    #: The number of the current generation; each connection carries the one it was
+    #: made in, and only connections of the current one are handed out.
+    current: int = 0
+    #: The current generation's server start time (None: not known yet).
+    started: str | None = None
+    #: Start times of earlier generations.
+    earlier: set[str] = field(default_factory=set)
+    #: The last connect attempt found no server: one attempt at a time probes it.
+    down: bool = False
+    #: When the pool noticed the failover it is refilling after (None: not refilling).
+    detected_at: float | None = None
+    #: Connections of the current generation made since then.
+    refilled: int = 0
+    #: How many connections the pool wants (psycopg_pool's pool size then).
+    wanted: int = 0
+    failovers: int = 0
+    replaced: int = 0
+    met_dead: int = 0
+    refills: list[float] = field(default_factory=list)
+
+    # --- decisions ---------------------------------------------------------------------
+
+    def connected(self, started: str) -> Verdict:
+        """A new connection reached a server that started at ``started``."""
+        self.down = False
+        if self.started == started:
+            return Verdict.SAME
+        if self.started is None:
+            # The first server, or the first after it went away. The same start time as
+            # before the outage (a network break, not a restart) is the same server
+            # back: still a new generation, as the old connections may be half dead.
+            self.earlier.discard(started)
+            self.started = started
+            return Verdict.KNOWN_NOW
+        if started in self.earlier:
+            return Verdict.STALE
+        self._next_generation()
+        self.started = started
+        return Verdict.NEW_SERVER
+
+    def connect_failed(self, failure: Failure, *, wanted: int) -> bool:
+        """A connect attempt failed as ``failure``. True when that says the server went
+        away and the pool had a server until now: a failover, noticed now."""
+        if failure.kind not in _SERVER_GONE:
+            return False
+        self.down = True
+        if self.started is None:
+            return False  # not known yet, or already noticed: the same outage
+        self._next_generation()
+        self.start_refill(wanted)
+        return True
+
+    def server_changed(self, *, wanted: int) -> None:
+        """After `connected` said `Verdict.NEW_SERVER`: the refill starts now."""
+        self.start_refill(wanted)
+
+    def is_current(self, generation: int) -> bool:
+        return generation == self.current
+
+    # --- the refill ----------------------------------------------------------------------
+
+    def start_refill(self, wanted: int) -> None:
+        self.detected_at = self.clock()
+        self.refilled = 0
+        self.wanted = wanted
+
+    def added(self, generation: int, *, wanted: int) -> float | None:
+        """A connection of ``generation`` entered the pool. When it completes a refill,
+        the seconds from noticing the failover to a full pool."""
+        if self.detected_at is None or generation != self.current:
+            return None
+        self.refilled += 1
+        if self.refilled < min(self.wanted, wanted):
+            return None
+        took = self.clock() - self.detected_at
+        self.detected_at = None
+        self.refills.append(took)
+        del self.refills[:-_REFILLS_KEPT]
+        return took
+
+    def stats(self) -> FailoverStats:
+        return FailoverStats(
+            failovers=self.failovers,
+            connections_replaced=self.replaced,
+            requests_met_dead=self.met_dead,
+            last_refill_seconds=self.refills[-1] if self.refills else None,
+            refill_seconds=tuple(self.refills),
+            server_started=self.started,
+            refilling=self.detected_at is not None,
+        )
+
+    def _next_generation(self) -> None:
+        if self.started is not None:
+            self.earlier.add(self.started)
+        self.current += 1
+        self.started = None
+        self.failovers += 1
+
+
+class PolicyAttempt:
+    """psycopg_pool's ``AttemptWithBackoff``, with the `RetryPolicy`'s waits.
+
+    psycopg_pool waits 1 s, then 2, 4, 8 ... s between attempts to replace a
+    connection: after a failover that can leave a pool empty for seconds after the
+    server accepts again. The policy's waits are short and capped (``first_delay`` to
+    ``max_delay``, shortened by ``jitter``), and only one attempt at a time probes a
+    server that is down, so the short waits cost the server nothing.
+    """
+
+    def __init__(self, policy: RetryPolicy, *, timeout: float) -> None:
+        self.policy = policy
+        self.timeout = timeout
+        self.delay = 0.0
+        self.give_up_at = 0.0
+        self.tries = 0
+        self.gave_up = False
+
+    def update_delay(self, now: float) -> None:
+        if self.tries == 0:
+            self.give_up_at = now + self.timeout
+        self.tries += 1
+        self.delay = max(0.0, min(self.policy.delay(self.tries), self.give_up_at - now))
+
+    def time_to_give_up(self, now: float) -> bool:
+        done = self.give_up_at > 0.0 and now >= self.give_up_at
+        self.gave_up = self.gave_up or done
+        return done
