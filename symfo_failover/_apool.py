@@ -146,23 +146,26 @@ class AsyncFailoverPool(FailoverBookkeeping, AsyncConnectionPool[ACT]):
 
     async def _connect(self, timeout: float | None = None) -> ACT:
         conn: ACT | None = None
+        begun = self._policy.clock()
         try:
             conn = await super()._connect(timeout)
             info = await apooled_session_info(conn)
         except psycopg.Error as exc:
             if conn is not None:
                 finish(conn)
-            previous = self._connect_failed(exc, conn)
-            if previous is not None:
-                self._take_out_old("server went away", previous, None)
+            gone_verdict, previous = self._connect_failed(exc, conn, begun)
+            if gone_verdict is not None:
+                self._take_out_old("server went away", previous, None,
+                                   noticed=gone_verdict is Verdict.NEW_SERVER)
             raise
         verdict, generation, previous = self._verdict(info)
         if verdict is Verdict.STALE:
             finish(conn)
             raise stale_error(info)
         tag(conn, generation, info)
-        if verdict is Verdict.NEW_SERVER:
-            self._take_out_old("new server", previous, info.server_started)
+        if verdict is Verdict.NEW_SERVER or verdict is Verdict.SETTLED:
+            self._take_out_old("new server", previous, info.server_started,
+                               noticed=verdict is Verdict.NEW_SERVER)
         return conn
 
     async def _add_connection(self, attempt: Any, growing: bool = False) -> None:
@@ -221,10 +224,12 @@ class AsyncFailoverPool(FailoverBookkeeping, AsyncConnectionPool[ACT]):
         if alive and conn.closed:
             self._returned_dead(conn)
 
-    def _take_out_old(self, reason: str, previous: str | None, started: str | None) -> None:
+    def _take_out_old(self, reason: str, previous: str | None, started: str | None,
+                      *, noticed: bool = True) -> None:
         # On the event loop, without awaiting: nothing else touches the pool meanwhile.
         old = self._take_old_idle()
-        self._failover_event(reason, previous, started, len(old))
+        if noticed:
+            self._failover_event(reason, previous, started, len(old))
         for conn in old:
             self._replace(conn, "old server")
 

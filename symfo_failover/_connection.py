@@ -178,7 +178,7 @@ class ResilientConnection(ConnectionFacts[C]):
             driver = self._driver
             if link.guard is not None:
                 raise self._in_unit("execute()")
-            if (raw is None or link.closed or driver.is_broken(raw)
+            if (raw is None or link.closed or driver.is_broken(raw) or driver.gone(raw)
                     or driver.get_autocommit(raw) != core.state.autocommit):
                 return self._passthrough(
                     lambda r: driver.execute(r, query, params, kwargs), opens=True

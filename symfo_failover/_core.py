@@ -662,6 +662,11 @@ class Core:
         """A usable session in the connection's own autocommit setting."""
         driver = self.driver
         raw = self.link.raw
+        if raw is not None and not driver.is_broken(raw) and driver.gone(raw):
+            # The server closed the idle session (a switchover, a restart): nothing is
+            # lost by sending the statement to a new session instead of failing it.
+            yield from self.drop()
+            raw = None
         if raw is None or driver.is_broken(raw):
             raw = yield from self.connect()
         if driver.get_autocommit(raw) != self.state.autocommit:

@@ -201,6 +201,7 @@ _TRANSACTION_STATES = {
     int(TransactionStatus.IDLE): "ended",
 }
 _BAD = int(ConnStatus.BAD)
+_IDLE = int(TransactionStatus.IDLE)
 
 
 # --- psycopg's AsyncConnection, guarded the same way ----------------------------------
@@ -352,6 +353,9 @@ class _PsycopgFacts(Generic[_Session]):
     def is_broken(self, raw: _Session) -> bool:
         # psycopg: a broken connection is always closed (its PGconn is BAD).
         return bool(raw.closed)
+
+    def gone(self, raw: _Session) -> bool:
+        return gone(raw)
 
     def closed_error(self) -> BaseException:
         return psycopg.OperationalError("the connection is closed")
@@ -573,6 +577,8 @@ def gone(raw: psycopg.BaseConnection[Any]) -> bool:
     pgconn = raw.pgconn
     if pgconn.status == _BAD:
         return True
+    if pgconn.transaction_status != _IDLE:
+        return False  # in a transaction (or a query): not to be swapped for another
     try:
         fd = pgconn.socket
     except psycopg.OperationalError:

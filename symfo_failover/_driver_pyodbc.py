@@ -428,6 +428,9 @@ class PyodbcDriver(_t.DriverBase["pyodbc.Connection"]):
     def sqlstate(self, error: BaseException) -> str | None:
         return sqlstate_of(error)
 
+    def gone(self, raw: pyodbc.Connection) -> bool:
+        return False  # ODBC shows no socket: a closed session is seen on use only
+
     def is_broken(self, raw: pyodbc.Connection) -> bool:
         return is_broken(raw)
 

@@ -168,23 +168,26 @@ class FailoverPool(FailoverBookkeeping, ConnectionPool[CT]):
 
     def _connect(self, timeout: float | None = None) -> CT:
         conn: CT | None = None
+        begun = self._policy.clock()
         try:
             conn = super()._connect(timeout)
             info = pooled_session_info(conn)
         except psycopg.Error as exc:
             if conn is not None:
                 finish(conn)
-            previous = self._connect_failed(exc, conn)
-            if previous is not None:
-                self._take_out_old("server went away", previous, None)
+            gone_verdict, previous = self._connect_failed(exc, conn, begun)
+            if gone_verdict is not None:
+                self._take_out_old("server went away", previous, None,
+                                   noticed=gone_verdict is Verdict.NEW_SERVER)
             raise
         verdict, generation, previous = self._verdict(info)
         if verdict is Verdict.STALE:
             finish(conn)
             raise stale_error(info)
         tag(conn, generation, info)
-        if verdict is Verdict.NEW_SERVER:
-            self._take_out_old("new server", previous, info.server_started)
+        if verdict is Verdict.NEW_SERVER or verdict is Verdict.SETTLED:
+            self._take_out_old("new server", previous, info.server_started,
+                               noticed=verdict is Verdict.NEW_SERVER)
         return conn
 
     def _add_connection(self, attempt: Any, growing: bool = False) -> None:
@@ -245,12 +248,14 @@ class FailoverPool(FailoverBookkeeping, ConnectionPool[CT]):
         if alive and conn.closed:
             self._returned_dead(conn)  # died under the rollback of what was left open
 
-    def _take_out_old(self, reason: str, previous: str | None, started: str | None) -> None:
+    def _take_out_old(self, reason: str, previous: str | None, started: str | None,
+                      *, noticed: bool = True) -> None:
         """Close every idle connection of an earlier generation at once; the ones in
         use are replaced as they come back (`_return_connection`)."""
         with self._lock:
             old = self._take_old_idle()
-        self._failover_event(reason, previous, started, len(old))
+        if noticed:
+            self._failover_event(reason, previous, started, len(old))
         for conn in old:
             self._replace(conn, "old server")
 

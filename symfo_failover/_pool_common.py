@@ -86,14 +86,16 @@ class FailoverBookkeeping:
                 gens.server_changed(wanted=self._nconns)
             return verdict, gens.current, previous
 
-    def _connect_failed(self, exc: BaseException, conn: object) -> str | None:
-        """A connect failed. When that is a failover noticed now: the server before
-        (the caller takes the old generation out); else None."""
+    def _connect_failed(self, exc: BaseException, conn: object,
+                        begun: float) -> tuple[Verdict | None, str | None]:
+        """A connect begun at ``begun`` failed: what it says (see
+        `Generations.connect_failed`), and the server before."""
         failure = classify(exc, connection=conn)
         with self._glock:
             previous = self._gens.started
-            noticed = self._gens.connect_failed(failure, wanted=self._nconns)
-        return previous if noticed else None
+            verdict = self._gens.connect_failed(failure, wanted=self._nconns,
+                                                attempt_started=begun)
+        return verdict, previous
 
     # --- refilling: one attempt at a time probes a server that is down -------------------
 

@@ -51,6 +51,9 @@ class FailoverStats:
     last_refill_seconds: float | None = None
     #: Each refill, oldest first (at most the last 100).
     refill_seconds: tuple[float, ...] = ()
+    #: The current generation of connections (0 first; one more for each failover
+    #: noticed). No connection of an earlier generation is handed out.
+    generation: int = 0
     #: The server start time the current connections were made to (None: not known yet).
     server_started: str | None = None
     #: The pool is refilling after a failover now.
@@ -63,6 +66,7 @@ class FailoverStats:
             "requests_met_dead": self.requests_met_dead,
             "last_refill_seconds": self.last_refill_seconds,
             "refill_seconds": list(self.refill_seconds),
+            "generation": self.generation,
             "server_started": self.server_started,
             "refilling": self.refilling,
         }
@@ -77,6 +81,9 @@ class Verdict(enum.Enum):
     KNOWN_NOW = "known now"
     #: A different server: a failover. The old generation is to be taken out.
     NEW_SERVER = "new server"
+    #: A different server right after a connect reached the old one as it went away:
+    #: the same failover (already counted and timed); the old generation is taken out.
+    SETTLED = "settled"
     #: A server of an earlier generation (a connect that raced a failover): unusable.
     STALE = "stale"
 
@@ -101,6 +108,11 @@ class Generations:
     earlier: set[str] = field(default_factory=set)
     #: The last connect attempt found no server: one attempt at a time probes it.
     down: bool = False
+    #: When the connect attempts began to fail (None: the last one worked).
+    failing_since: float | None = None
+    #: The current generation's server is the one from before it went away: the next
+    #: different server belongs to the failover already counted.
+    tentative: bool = False
     #: When the pool noticed the failover it is refilling after (None: not refilling).
     detected_at: float | None = None
     #: Connections of the current generation made since then.
@@ -117,32 +129,61 @@ class Generations:
     def connected(self, started: str) -> Verdict:
         """A new connection reached a server that started at ``started``."""
         self.down = False
+        self.failing_since = None
         if self.started == started:
             return Verdict.SAME
         if self.started is None:
             # The first server, or the first after it went away. The same start time as
             # before the outage (a network break, not a restart) is the same server
             # back: still a new generation, as the old connections may be half dead.
+            # Or a connect to the old server that was under way when it went: then
+            # the new server comes next, and that is the same failover, not another.
+            self.tentative = started in self.earlier
             self.earlier.discard(started)
             self.started = started
             return Verdict.KNOWN_NOW
         if started in self.earlier:
             return Verdict.STALE
-        self._next_generation()
+        settled = self.tentative
+        self._next_generation(counted=not settled)
+        self.tentative = False
         self.started = started
-        return Verdict.NEW_SERVER
+        return Verdict.SETTLED if settled else Verdict.NEW_SERVER
 
-    def connect_failed(self, failure: Failure, *, wanted: int) -> bool:
-        """A connect attempt failed as ``failure``. True when that says the server went
-        away and the pool had a server until now: a failover, noticed now."""
+    def connect_failed(self, failure: Failure, *, wanted: int,
+                       attempt_started: float | None = None) -> Verdict | None:
+        """A connect attempt (begun at ``attempt_started``, a reading of ``clock``)
+        failed as ``failure``. `Verdict.NEW_SERVER`: the server went away, a failover
+        noticed now (the caller takes the old generation out and says so);
+        `Verdict.SETTLED`: the old generation is to be taken out, within a failover
+        already noticed; None: nothing to do.
+
+        One failed attempt is not enough: a connect under way when a proxy cut its
+        connections fails too. The server has gone away when an attempt *begun after*
+        a failed one fails as well (the probing attempt's next try, at the policy's
+        first wait).
+        """
         if failure.kind not in _SERVER_GONE:
-            return False
+            return None
+        now = self.clock()
+        begun = now if attempt_started is None else attempt_started
+        first = self.failing_since
         self.down = True
+        if first is None:
+            self.failing_since = now
+            return None
+        if begun <= first:
+            return None  # under way at the same moment: the same single blow
         if self.started is None:
-            return False  # not known yet, or already noticed: the same outage
+            return None  # not known yet, or already noticed: the same outage
+        if self.tentative:
+            # The server of before, reached once more as it went: the same failover.
+            self._next_generation(counted=False)
+            self.tentative = False
+            return Verdict.SETTLED
         self._next_generation()
         self.start_refill(wanted)
-        return True
+        return Verdict.NEW_SERVER
 
     def server_changed(self, *, wanted: int) -> None:
         """After `connected` said `Verdict.NEW_SERVER`: the refill starts now."""
@@ -168,6 +209,7 @@ class Generations:
             return None
         took = self.clock() - self.detected_at
         self.detected_at = None
+        self.tentative = False  # full of connections to this server: it is the one
         self.refills.append(took)
         del self.refills[:-_REFILLS_KEPT]
         return took
@@ -179,16 +221,18 @@ class Generations:
             requests_met_dead=self.met_dead,
             last_refill_seconds=self.refills[-1] if self.refills else None,
             refill_seconds=tuple(self.refills),
+            generation=self.current,
             server_started=self.started,
             refilling=self.detected_at is not None,
         )
 
-    def _next_generation(self) -> None:
+    def _next_generation(self, *, counted: bool = True) -> None:
         if self.started is not None:
             self.earlier.add(self.started)
         self.current += 1
         self.started = None
-        self.failovers += 1
+        if counted:
+            self.failovers += 1
 
 
 class PolicyAttempt:

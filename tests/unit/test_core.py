@@ -161,6 +161,9 @@ class FakeDriver:
     def is_broken(self, raw: FakeSession) -> bool:
         return raw.closed
 
+    def gone(self, raw: FakeSession) -> bool:
+        return False
+
     def closed_error(self) -> BaseException:
         return psycopg.OperationalError("the connection is closed")
 
