@@ -3,7 +3,8 @@
 The public API is listed in ``__all__``; every other module is private.
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
 
 from ._aconnection import AsyncResilientConnection, connect_async
 from ._classify import classify, sqlstate_of
@@ -27,7 +28,7 @@ from ._policy import RetryPolicy
 from ._pool_state import FailoverStats
 from ._target import SessionInfo
 
-if TYPE_CHECKING:
+if _TYPE_CHECKING:
     from ._apool import AsyncFailoverPool
     from ._odbc_pool import OdbcFailoverPool
     from ._pool import FailoverPool
@@ -42,7 +43,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'symfo_failover' has no attribute {name!r}")

@@ -26,14 +26,12 @@ from ._driver_psycopg import (
 )
 from ._policy import RetryPolicy
 from ._pool_common import (
-    RUNNING,
     FailoverBookkeeping,
     finish,
-    nested_run,
     stale_error,
     tag,
 )
-from ._pool_state import Verdict
+from ._pool_state import RUNNING, Verdict, nested_run
 
 if TYPE_CHECKING:
     from psycopg_pool.abc import (
@@ -129,15 +127,21 @@ class AsyncFailoverPool(FailoverBookkeeping, AsyncConnectionPool[ACT]):
     # --- psycopg_pool's hooks ------------------------------------------------------------
 
     async def getconn(self, timeout: float | None = None) -> ACT:
+        conn = await super().getconn(timeout)
+        if self._is_current(conn):
+            return conn
+        return await self._getconn_again(conn, timeout)
+
+    async def _getconn_again(self, conn: ACT, timeout: float | None) -> ACT:
         if timeout is None:
             timeout = self.timeout
         deadline = monotonic() + timeout
         while True:
-            conn = await super().getconn(timeout)
             if self._is_current(conn):
                 return conn
             self._replace(conn, "old server")
             timeout = max(0.0, deadline - monotonic())
+            conn = await super().getconn(timeout)
 
     async def _resolve_kwargs(self) -> dict[str, Any]:
         conninfo = self.conninfo

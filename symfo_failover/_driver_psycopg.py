@@ -579,12 +579,15 @@ def gone(raw: psycopg.BaseConnection[Any]) -> bool:
         return True
     if pgconn.transaction_status != _IDLE:
         return False  # in a transaction (or a query): not to be swapped for another
-    try:
-        fd = pgconn.socket
-    except psycopg.OperationalError:
-        return True
-    poller = select.poll()
-    poller.register(fd, _POLLIN)
+    poller = getattr(raw, "_symfo_poller", None)
+    if poller is None:  # one per connection: its socket is the same for its life
+        try:
+            fd = pgconn.socket
+        except psycopg.OperationalError:
+            return True
+        poller = select.poll()
+        poller.register(fd, _POLLIN)
+        raw._symfo_poller = poller  # type: ignore[attr-defined]
     for _ in range(3):  # the message, then the end of the stream
         if not poller.poll(0):
             return False

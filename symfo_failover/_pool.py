@@ -40,15 +40,13 @@ from ._contract import refuse_coroutine_function
 from ._driver_psycopg import PsycopgDriver, gone, guarded_class, pooled_session_info
 from ._policy import RetryPolicy
 from ._pool_common import (
-    RUNNING,
     FailoverBookkeeping,
     finish,
-    nested_run,
     nothing,
     stale_error,
     tag,
 )
-from ._pool_state import Verdict
+from ._pool_state import RUNNING, Verdict, nested_run
 
 if TYPE_CHECKING:
     from psycopg_pool.abc import ConnectFailedCB, ConnectionCB, ConninfoParam, KwargsParam
@@ -150,16 +148,22 @@ class FailoverPool(FailoverBookkeeping, ConnectionPool[CT]):
     # --- psycopg_pool's hooks ------------------------------------------------------------
 
     def getconn(self, timeout: float | None = None) -> CT:
+        conn = super().getconn(timeout)
+        if self._is_current(conn):
+            return conn
+        return self._getconn_again(conn, timeout)
+
+    def _getconn_again(self, conn: CT, timeout: float | None) -> CT:
         if timeout is None:
             timeout = self.timeout
         deadline = monotonic() + timeout
         while True:
-            conn = super().getconn(timeout)
             if self._is_current(conn):
                 return conn
             # Handed over by a connection that came back as the failover was noticed.
             self._replace(conn, "old server")
             timeout = max(0.0, deadline - monotonic())
+            conn = super().getconn(timeout)
 
     def _resolve_kwargs(self) -> dict[str, Any]:
         conninfo = self.conninfo

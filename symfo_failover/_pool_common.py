@@ -8,7 +8,6 @@ the same code serves threads and an event loop (it never waits while holding it)
 
 from __future__ import annotations
 
-import contextvars
 import threading
 from collections import deque
 from typing import Any
@@ -21,15 +20,14 @@ from ._classify import classify, driver_text
 from ._core import Core
 from ._driver_psycopg import _DETECTION, PsycopgDriver, unit_state
 from ._policy import DEFAULT_POLICY, RetryPolicy
-from ._pool_state import FailoverStats, Generations, PolicyAttempt, Verdict
-from ._target import SessionInfo, SessionState, Target
-
-#: The core running a unit in this context (thread or task): a nested ``run()`` is
-#: refused, as on a `ResilientConnection`.
-RUNNING: contextvars.ContextVar[Core | None] = contextvars.ContextVar(
-    "symfo_failover_pool_unit", default=None)
-#: The core's session state for pooled units: BEGIN takes the connection's own settings.
-UNIT_STATE = SessionState(autocommit=False)
+from ._pool_state import (
+    UNIT_STATE,
+    FailoverStats,
+    Generations,
+    PolicyAttempt,
+    Verdict,
+)
+from ._target import SessionInfo, Target
 
 
 class FailoverBookkeeping:
@@ -116,7 +114,7 @@ class FailoverBookkeeping:
 
     def _attempt_failed(self, attempt: PolicyAttempt, exc: BaseException) -> None:
         with self._glock:
-            if self._gens.down:
+            if self._gens.down and self._prober is None:
                 self._prober = attempt
         # The first failure of an attempt is a warning; its repeats are DEBUG, so that
         # waiting for a server is one line per connection, not one per try.
@@ -240,13 +238,6 @@ def detection_defaults(conninfo: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         return kwargs  # psycopg says what is wrong with it when it connects
     missing = {k: v for k, v in _DETECTION.items() if k not in kwargs and k not in given}
     return {**missing, **kwargs} if missing else kwargs
-
-
-def nested_run(core: Core | None) -> BaseException | None:
-    """The error for a ``run()`` inside a unit run by ``core`` (None: not nested)."""
-    if core is None or core.link.guard is None:
-        return None
-    return core.link.guard.refuse("nested-run", "pool.run() was called inside a unit of work")
 
 
 def tag(conn: Any, generation: int, info: SessionInfo) -> None:

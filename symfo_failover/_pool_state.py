@@ -25,12 +25,32 @@ The pool holds its own lock around every call here.
 
 from __future__ import annotations
 
+import contextvars
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ._kind import Failure, Kind
 from ._policy import RetryPolicy
+from ._target import SessionState
+
+if TYPE_CHECKING:
+    from ._core import Core
+
+#: The core running a pool's unit in this context (thread or task), whichever pool:
+#: a nested ``run()`` is refused, as on a `ResilientConnection`.
+RUNNING: contextvars.ContextVar[Core | None] = contextvars.ContextVar(
+    "symfo_failover_pool_unit", default=None)
+#: The core's session state for pooled units: BEGIN takes the connection's own settings.
+UNIT_STATE = SessionState(autocommit=False)
+
+
+def nested_run(core: Core | None) -> BaseException | None:
+    """The error for a ``run()`` inside a unit run by ``core`` (None: not nested)."""
+    if core is None or core.link.guard is None:
+        return None
+    return core.link.guard.refuse("nested-run", "pool.run() was called inside a unit of work")
 
 
 @dataclass(frozen=True)
@@ -92,6 +112,13 @@ class Verdict(enum.Enum):
 #: switching nodes, unreachable), as opposed to one attempt that was refused.
 _SERVER_GONE = (Kind.CONNECT_FAILED, Kind.CONNECTION_LOST)
 _REFILLS_KEPT = 100
+#: SQLSTATE classes of a server that answered and is there: insufficient resources
+#: (53300 too many connections, 53100 disk full ...) is a busy server, not a gone one.
+_SERVER_THERE = ("53",)
+
+
+def _server_answered(failure: Failure) -> bool:
+    return failure.sqlstate is not None and failure.sqlstate[:2] in _SERVER_THERE
 
 
 @dataclass
@@ -163,7 +190,7 @@ class Generations:
         a failed one fails as well (the probing attempt's next try, at the policy's
         first wait).
         """
-        if failure.kind not in _SERVER_GONE:
+        if failure.kind not in _SERVER_GONE or _server_answered(failure):
             return None
         now = self.clock()
         begun = now if attempt_started is None else attempt_started

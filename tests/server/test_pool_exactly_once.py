@@ -103,10 +103,16 @@ class PoolResults(Results):
             with self.lock:
                 self.pool_failovers += 1
 
-    def check_generation(self, conn: Any, failovers_before: int, what: str) -> None:
+    def check_generation(self, pool: Any, conn: Any, failovers_before: int,
+                         what: str) -> None:
         # The generation is the pool's tag on the connection (white box): the pool's
-        # `FailoverStats.generation` when the connection was made.
+        # `FailoverStats.generation` when the connection was made. A pyodbc connection
+        # takes no attributes: the ODBC pool keeps it beside, by the connection's id.
         made_in = getattr(conn, "_symfo_gen", None)
+        if isinstance(pool, sf.OdbcFailoverPool):
+            with pool._cond:
+                slot = pool._out.get(id(conn))
+            made_in = None if slot is None else slot.generation
         if made_in is None or made_in < failovers_before:
             with self.lock:
                 self.stale.append(f"{what}: made in generation {made_in}, "
@@ -136,7 +142,7 @@ def sync_worker(pool: Any, driver: str, seed: int, stop: threading.Event,
             before = pool.failover_stats().generation
             try:
                 with pool.connection() as conn:
-                    out.check_generation(conn, before, f"connection() of worker {seed}")
+                    out.check_generation(pool, conn, before, f"connection() of worker {seed}")
                     conn.execute("SELECT 1")
                     with out.lock:
                         out.blocks += 1
@@ -166,7 +172,7 @@ async def async_worker(pool: sf.AsyncFailoverPool[Any], seed: int, stop: threadi
             before = pool.failover_stats().generation
             try:
                 async with pool.connection() as conn:
-                    out.check_generation(conn, before, f"connection() of task {seed}")
+                    out.check_generation(pool, conn, before, f"connection() of task {seed}")
                     await conn.execute("SELECT 1")
                     out.blocks += 1
             except Exception:
