@@ -11,6 +11,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 
 import psycopg
+from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 from psycopg_pool.abc import ACT
 from psycopg_pool.pool_async import AddConnection
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
     )
 
 _T = TypeVar("_T")
+BAD = ConnStatus.BAD
+IDLE = TransactionStatus.IDLE
 _P = ParamSpec("_P")
 
 
@@ -128,7 +131,7 @@ class AsyncFailoverPool(FailoverBookkeeping, AsyncConnectionPool[ACT]):
 
     async def getconn(self, timeout: float | None = None) -> ACT:
         conn = await super().getconn(timeout)
-        if self._is_current(conn):
+        if getattr(conn, "_symfo_gen", -1) == self._gens.current:
             return conn
         return await self._getconn_again(conn, timeout)
 
@@ -205,28 +208,30 @@ class AsyncFailoverPool(FailoverBookkeeping, AsyncConnectionPool[ACT]):
                     self._growing = False
 
     async def _get_ready_connection(self, timeout: float | None) -> ACT | None:
+        # Under the pool's lock. The look costs no round trip (a poll of the socket).
         while True:
             conn = await super()._get_ready_connection(timeout)
             if conn is None:
                 return None
-            if self._is_current(conn) and not gone(conn):
+            if getattr(conn, "_symfo_gen", -1) == self._gens.current and not gone(conn):
                 return conn
             self._stats[self._CONNECTIONS_LOST] += 1
             self._replace(conn, "dead" if conn.closed else "old server")
 
     async def _return_connection(self, conn: ACT, from_getconn: bool) -> None:
-        if conn.closed:
+        pgconn = conn.pgconn
+        if pgconn.status == BAD:
             self._returned_dead(conn)
-        elif not self._is_current(conn):
+        elif getattr(conn, "_symfo_gen", -1) != self._gens.current:
             self._replace(conn, "old server")
             return
+        elif pgconn.transaction_status != IDLE:
+            # psycopg_pool rolls back what was left open: the session may die under it.
+            await super()._return_connection(conn, from_getconn)
+            if conn.closed:
+                self._returned_dead(conn)
+            return
         await super()._return_connection(conn, from_getconn)
-
-    async def _reset_connection(self, conn: ACT) -> None:
-        alive = not conn.closed
-        await super()._reset_connection(conn)
-        if alive and conn.closed:
-            self._returned_dead(conn)
 
     def _take_out_old(self, reason: str, previous: str | None, started: str | None,
                       *, noticed: bool = True) -> None:

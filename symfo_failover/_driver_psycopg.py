@@ -575,10 +575,9 @@ def gone(raw: psycopg.BaseConnection[Any]) -> bool:
     taken as alive: a partition shows only on use (keepalives, ``tcp_user_timeout``).
     """
     pgconn = raw.pgconn
-    if pgconn.status == _BAD:
-        return True
     if pgconn.transaction_status != _IDLE:
-        return False  # in a transaction (or a query): not to be swapped for another
+        # BAD, or in a transaction (or a query): not to be swapped for another
+        return pgconn.status == _BAD
     poller = getattr(raw, "_symfo_poller", None)
     if poller is None:  # one per connection: its socket is the same for its life
         try:

@@ -29,6 +29,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 
 import psycopg
+from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import ConnectionPool
 from psycopg_pool.abc import CT
 from psycopg_pool.pool import AddConnection
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
     from psycopg_pool.abc import ConnectFailedCB, ConnectionCB, ConninfoParam, KwargsParam
 
 _T = TypeVar("_T")
+BAD = ConnStatus.BAD
+IDLE = TransactionStatus.IDLE
 _P = ParamSpec("_P")
 
 
@@ -149,7 +152,7 @@ class FailoverPool(FailoverBookkeeping, ConnectionPool[CT]):
 
     def getconn(self, timeout: float | None = None) -> CT:
         conn = super().getconn(timeout)
-        if self._is_current(conn):
+        if getattr(conn, "_symfo_gen", -1) == self._gens.current:
             return conn
         return self._getconn_again(conn, timeout)
 
@@ -233,24 +236,25 @@ class FailoverPool(FailoverBookkeeping, ConnectionPool[CT]):
             conn = super()._get_ready_connection(timeout)
             if conn is None:
                 return None
-            if self._is_current(conn) and not gone(conn):
+            if getattr(conn, "_symfo_gen", -1) == self._gens.current and not gone(conn):
                 return conn
             self._stats[self._CONNECTIONS_LOST] += 1
             self._replace(conn, "dead" if conn.closed else "old server")
 
     def _return_connection(self, conn: CT, from_getconn: bool) -> None:
-        if conn.closed:
+        pgconn = conn.pgconn
+        if pgconn.status == BAD:
             self._returned_dead(conn)
-        elif not self._is_current(conn):
+        elif getattr(conn, "_symfo_gen", -1) != self._gens.current:
             self._replace(conn, "old server")
             return
+        elif pgconn.transaction_status != IDLE:
+            # psycopg_pool rolls back what was left open: the session may die under it.
+            super()._return_connection(conn, from_getconn)
+            if conn.closed:
+                self._returned_dead(conn)
+            return
         super()._return_connection(conn, from_getconn)
-
-    def _reset_connection(self, conn: CT) -> None:
-        alive = not conn.closed
-        super()._reset_connection(conn)
-        if alive and conn.closed:
-            self._returned_dead(conn)  # died under the rollback of what was left open
 
     def _take_out_old(self, reason: str, previous: str | None, started: str | None,
                       *, noticed: bool = True) -> None:
