@@ -146,10 +146,11 @@ class AsyncFailoverPool(FailoverBookkeeping, AsyncConnectionPool[ACT]):
             timeout = max(0.0, deadline - monotonic())
             conn = await super().getconn(timeout)
 
+    async def _resolve_conninfo(self) -> str:
+        return self._conninfo_resolved(await super()._resolve_conninfo())
+
     async def _resolve_kwargs(self) -> dict[str, Any]:
-        conninfo = self.conninfo
-        return self._kwargs_with_detection(await super()._resolve_kwargs(),
-                                           conninfo if isinstance(conninfo, str) else "")
+        return self._kwargs_with_detection(await super()._resolve_kwargs())
 
     async def _connect(self, timeout: float | None = None) -> ACT:
         conn: ACT | None = None
@@ -186,8 +187,9 @@ class AsyncFailoverPool(FailoverBookkeeping, AsyncConnectionPool[ACT]):
             self._attempt_failed(attempt, exc)
             if attempt.time_to_give_up(now):
                 async with self._lock:
-                    self._giving_up(growing)
-                await self.reconnect_failed()
+                    gave_up = self._giving_up(growing)
+                for _ in range(gave_up):
+                    await self.reconnect_failed()
             else:
                 attempt.update_delay(now)
                 await self.schedule_task(AddConnection(self, attempt, growing=growing),

@@ -9,6 +9,7 @@ import functools
 import getpass
 import os
 import select
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -369,7 +370,9 @@ class PsycopgDriver(_PsycopgFacts["GuardedConnection"], _t.DriverBase["GuardedCo
         return _guarded_cursor(factory)  # type: ignore[arg-type]  # a class is hashable
 
     def connect(self, target: _t.Target) -> GuardedConnection:
-        return GuardedConnection.connect(**target.connect_args, autocommit=True)
+        raw = GuardedConnection.connect(**target.connect_args, autocommit=True)
+        watch_goodbye(raw)
+        return raw
 
     def apply_state(self, raw: GuardedConnection, state: _t.SessionState) -> None:
         raw.autocommit = state.autocommit
@@ -412,7 +415,9 @@ class AsyncPsycopgDriver(_PsycopgFacts["GuardedAsyncConnection"]):
         return _guarded_async_cursor(factory)  # type: ignore[arg-type]
 
     async def connect(self, target: _t.Target) -> GuardedAsyncConnection:
-        return await GuardedAsyncConnection.connect(**target.connect_args, autocommit=True)
+        raw = await GuardedAsyncConnection.connect(**target.connect_args, autocommit=True)
+        watch_goodbye(raw)
+        return raw
 
     async def close(self, raw: GuardedAsyncConnection) -> None:
         await psycopg.AsyncConnection.close(raw)
@@ -578,6 +583,8 @@ def gone(raw: psycopg.BaseConnection[Any]) -> bool:
     if pgconn.transaction_status != _IDLE:
         # BAD, or in a transaction (or a query): not to be swapped for another
         return pgconn.status == _BAD
+    if getattr(raw, "_symfo_fatal", False):
+        return True  # the server said goodbye; the end of the stream may follow later
     poller = getattr(raw, "_symfo_poller", None)
     if poller is None:  # one per connection: its socket is the same for its life
         try:
@@ -594,6 +601,21 @@ def gone(raw: psycopg.BaseConnection[Any]) -> bool:
             pgconn.consume_input()
         except psycopg.OperationalError:
             return True
-        if pgconn.status == _BAD:
+        if pgconn.status == _BAD or getattr(raw, "_symfo_fatal", False):
             return True
     return False
+
+
+def watch_goodbye(raw: psycopg.BaseConnection[Any]) -> None:
+    """Note on ``raw`` when the server sends a FATAL while the session is idle (libpq
+    gives it as a notice: a shutdown, ``pg_terminate_backend``, ``idle_session_timeout``),
+    so that `gone` knows before the end of the stream arrives."""
+    ref = weakref.ref(raw)
+
+    def on_notice(diag: psycopg.errors.Diagnostic) -> None:
+        if diag.severity_nonlocalized in ("FATAL", "PANIC"):
+            conn = ref()
+            if conn is not None:
+                conn._symfo_fatal = True  # type: ignore[attr-defined]
+
+    raw.add_notice_handler(on_notice)

@@ -168,10 +168,11 @@ class FailoverPool(FailoverBookkeeping, ConnectionPool[CT]):
             timeout = max(0.0, deadline - monotonic())
             conn = super().getconn(timeout)
 
+    def _resolve_conninfo(self) -> str:
+        return self._conninfo_resolved(super()._resolve_conninfo())
+
     def _resolve_kwargs(self) -> dict[str, Any]:
-        conninfo = self.conninfo
-        return self._kwargs_with_detection(super()._resolve_kwargs(),
-                                           conninfo if isinstance(conninfo, str) else "")
+        return self._kwargs_with_detection(super()._resolve_kwargs())
 
     def _connect(self, timeout: float | None = None) -> CT:
         conn: CT | None = None
@@ -210,8 +211,9 @@ class FailoverPool(FailoverBookkeeping, ConnectionPool[CT]):
             self._attempt_failed(attempt, exc)
             if attempt.time_to_give_up(now):
                 with self._lock:
-                    self._giving_up(growing)
-                self.reconnect_failed()
+                    gave_up = self._giving_up(growing)
+                for _ in range(gave_up):
+                    self.reconnect_failed()
             else:
                 attempt.update_delay(now)
                 self.schedule_task(AddConnection(self, attempt, growing=growing), attempt.delay)

@@ -8,6 +8,7 @@ the same code serves threads and an event loop (it never waits while holding it)
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections import deque
 from typing import Any
@@ -18,7 +19,7 @@ from psycopg.conninfo import conninfo_to_dict
 from . import _events as ev
 from ._classify import classify, driver_text
 from ._core import Core
-from ._driver_psycopg import _DETECTION, PsycopgDriver, unit_state
+from ._driver_psycopg import _DETECTION, PsycopgDriver, unit_state, watch_goodbye
 from ._policy import DEFAULT_POLICY, RetryPolicy
 from ._pool_state import (
     UNIT_STATE,
@@ -28,6 +29,9 @@ from ._pool_state import (
     Verdict,
 )
 from ._target import SessionInfo, Target
+
+#: The conninfo of the connect under way in this thread or task (`_conninfo_resolved`).
+_RESOLVED: contextvars.ContextVar[str] = contextvars.ContextVar("symfo_conninfo", default="")
 
 
 class FailoverBookkeeping:
@@ -71,8 +75,15 @@ class FailoverBookkeeping:
 
     # --- a new connection ----------------------------------------------------------------
 
-    def _kwargs_with_detection(self, kwargs: dict[str, Any], conninfo: str) -> dict[str, Any]:
-        return detection_defaults(conninfo, kwargs)
+    def _conninfo_resolved(self, conninfo: str) -> str:
+        """psycopg_pool resolves the conninfo (maybe a callable), then the kwargs, for
+        each connect, in one thread or task: what the conninfo says is kept here for
+        the kwargs' detection defaults (see `detection_defaults`)."""
+        _RESOLVED.set(conninfo)
+        return conninfo
+
+    def _kwargs_with_detection(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return detection_defaults(_RESOLVED.get(), kwargs)
 
     def _verdict(self, info: SessionInfo) -> tuple[Verdict, int, str | None]:
         """What a new connection's server says; its generation; the server before."""
@@ -131,15 +142,17 @@ class FailoverBookkeeping:
                 return parked
             return []
 
-    def _giving_up(self, growing: bool) -> None:
+    def _giving_up(self, growing: bool) -> int:
         """psycopg_pool's giving up after ``reconnect_timeout``, for this attempt and
-        the ones that waited for it."""
+        the ones that waited for it: how many gave up (``reconnect_failed`` is called
+        once for each, as psycopg_pool calls it for each attempt)."""
         with self._glock:
             parked, self._parked = self._parked, []
             self._prober = None
         self._nconns -= 1 + len(parked)
         if (growing or any(parked)) and self._growing:
             self._growing = False
+        return 1 + len(parked)
 
     # --- generations ---------------------------------------------------------------------
 
@@ -247,6 +260,7 @@ def tag(conn: Any, generation: int, info: SessionInfo) -> None:
     conn._symfo_info = info
     conn._symfo_state = unit_state(conn)
     conn._symfo_autocommit = conn.autocommit
+    watch_goodbye(conn)
 
 
 def finish(conn: Any) -> None:
