@@ -191,7 +191,7 @@ class AsyncFailoverPool(FailoverBookkeeping, AsyncConnectionPool[ACT]):
                 for _ in range(gave_up):
                     await self.reconnect_failed()
             else:
-                attempt.update_delay(now)
+                attempt.update_delay(now, server_gone=self._gens.down)
                 await self.schedule_task(AddConnection(self, attempt, growing=growing),
                                          attempt.delay)
             return

@@ -542,7 +542,7 @@ class OdbcFailoverPool:
                     ev.log("warning" if attempt.tries == 0 else "debug", "pool_connect_failed",
                            pool=self.name, target=self._target.description,
                            attempt=attempt.tries + 1, error=ev.driver_message(driver_text(exc)))
-                attempt.update_delay(self._policy.clock())
+                attempt.update_delay(self._policy.clock(), server_gone=self._gens.down)
                 with self._cond:
                     self._cond.wait_for(lambda: self._closed, attempt.delay)
                 continue

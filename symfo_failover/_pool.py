@@ -215,7 +215,7 @@ class FailoverPool(FailoverBookkeeping, ConnectionPool[CT]):
                 for _ in range(gave_up):
                     self.reconnect_failed()
             else:
-                attempt.update_delay(now)
+                attempt.update_delay(now, server_gone=self._gens.down)
                 self.schedule_task(AddConnection(self, attempt, growing=growing), attempt.delay)
             return
         for each in self._attempt_worked(attempt):

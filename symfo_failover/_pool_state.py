@@ -262,6 +262,11 @@ class Generations:
             self.failovers += 1
 
 
+#: psycopg_pool's waits (``AttemptWithBackoff``) for failures that are not a gone server.
+SLOW_FIRST = 1.0
+SLOW_JITTER = 0.1
+
+
 class PolicyAttempt:
     """psycopg_pool's ``AttemptWithBackoff``, with the `RetryPolicy`'s waits.
 
@@ -279,12 +284,23 @@ class PolicyAttempt:
         self.give_up_at = 0.0
         self.tries = 0
         self.gave_up = False
+        #: The last wait of the slow kind (0: none yet).
+        self.slow = 0.0
 
-    def update_delay(self, now: float) -> None:
+    def update_delay(self, now: float, *, server_gone: bool = True) -> None:
+        """The wait before the next try. The policy's short waits are for a server
+        that is gone (one attempt probes it); any other failure (a wrong password, too
+        many clients) waits as psycopg_pool does: 1 s, then twice as long each time,
+        so that a pool does not hammer a server that refuses it."""
         if self.tries == 0:
             self.give_up_at = now + self.timeout
         self.tries += 1
-        self.delay = max(0.0, min(self.policy.delay(self.tries), self.give_up_at - now))
+        if server_gone:
+            wait = self.policy.delay(self.tries)
+        else:
+            self.slow = SLOW_FIRST if self.slow == 0.0 else self.slow * 2.0
+            wait = self.slow * (1.0 + SLOW_JITTER * (2.0 * self.policy.random() - 1.0))
+        self.delay = max(0.0, min(wait, self.give_up_at - now))
 
     def time_to_give_up(self, now: float) -> bool:
         done = self.give_up_at > 0.0 and now >= self.give_up_at

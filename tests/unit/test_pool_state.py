@@ -402,3 +402,17 @@ def test_failovers_are_the_server_changes_of_a_reference_model(
         last_current = g.current
         assert g.started == known
         assert g.stats().failovers == changes
+
+
+def test_a_refused_connect_waits_like_psycopg_pool_not_like_a_gone_server() -> None:
+    """A wrong password or a full server: 1 s, 2 s, 4 s (±10 %), not the policy's
+    short waits that are meant for the one attempt probing a server that is gone."""
+    policy = sf.RetryPolicy(first_delay=0.02, max_delay=0.16, random=lambda: 0.5)
+    attempt = PolicyAttempt(policy, timeout=100.0)
+    waits = []
+    for now in (0.0, 1.0, 3.0):
+        attempt.update_delay(now, server_gone=False)
+        waits.append(attempt.delay)
+    assert waits == [1.0, 2.0, 4.0]
+    attempt.update_delay(7.0, server_gone=True)
+    assert attempt.delay == policy.delay(4)
