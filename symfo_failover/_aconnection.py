@@ -325,7 +325,7 @@ class AsyncResilientConnection(ConnectionFacts[C]):
         async with self._lock:
             core = self._core
             self._check_open()
-            raw = await self._drive(core.passthrough_session())
+            raw = await self._drive(core.passthrough_session(opens))
             try:
                 core.link.maybe_in_transaction = opens and not core.state.autocommit
                 return await op(raw)

@@ -313,7 +313,7 @@ class ResilientConnection(ConnectionFacts[C]):
             if core.link.guard is not None:
                 raise self._in_unit("a passthrough call")
             self._check_open()
-            raw: C = self._drive(core.passthrough_session())
+            raw: C = self._drive(core.passthrough_session(opens))
             try:
                 core.link.maybe_in_transaction = opens and not core.state.autocommit
                 return op(raw)

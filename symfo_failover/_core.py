@@ -658,11 +658,13 @@ class Core:
 
     # --- the passthrough -------------------------------------------------------------
 
-    def passthrough_session(self) -> Flow[Any]:
-        """A usable session in the connection's own autocommit setting."""
+    def passthrough_session(self, opens: bool = False) -> Flow[Any]:
+        """A usable session in the connection's own autocommit setting. ``opens``: for
+        a statement or a cursor (a commit on an idle session that is gone has nothing
+        to commit, and needs no new session)."""
         driver = self.driver
         raw = self.link.raw
-        if raw is not None and not driver.is_broken(raw) and driver.gone(raw):
+        if opens and raw is not None and not driver.is_broken(raw) and driver.gone(raw):
             # The server closed the idle session (a switchover, a restart): nothing is
             # lost by sending the statement to a new session instead of failing it.
             yield from self.drop()

@@ -461,11 +461,12 @@ class OdbcFailoverPool:
         # A dead session on its first statement is tried again at once: the driver
         # manager's pooling, if it is on, hands out sessions that died while idle.
         tries_left = self._max_size
+        begun = self._policy.clock()
         while True:
             try:
                 raw = driver.connect(self._target)
             except Exception as exc:
-                self._connect_failed(exc)
+                self._connect_failed(exc, begun)
                 raise
             try:
                 info: SessionInfo = driver.session_info(raw)
@@ -476,7 +477,7 @@ class OdbcFailoverPool:
                 if dead_at_once and tries_left:
                     tries_left -= 1
                     continue
-                self._connect_failed(exc)
+                self._connect_failed(exc, begun)
                 raise
         with self._cond:
             gens = self._gens
@@ -484,14 +485,16 @@ class OdbcFailoverPool:
             verdict = gens.connected(info.server_started)
             if verdict is Verdict.NEW_SERVER:
                 gens.server_changed(wanted=self._wanted())
-            old = self._take_old_idle() if verdict is Verdict.NEW_SERVER else []
+            taking_out = verdict is Verdict.NEW_SERVER or verdict is Verdict.SETTLED
+            old = self._take_old_idle() if taking_out else []
             slot = _Slot(raw, gens.current, info)
             self._last_failure = None
         if verdict is Verdict.STALE:
             self._close_raw(raw)
             raise _Stale(info.server_started)
-        if verdict is Verdict.NEW_SERVER:
-            self._took_out("new server", previous, info.server_started, old)
+        if taking_out:
+            self._took_out("new server", previous, info.server_started, old,
+                           noticed=verdict is Verdict.NEW_SERVER)
         try:
             driver.apply_state(raw, POOLED_STATE)
             if self._configure is not None:
@@ -502,16 +505,19 @@ class OdbcFailoverPool:
             raise
         return slot
 
-    def _connect_failed(self, exc: BaseException) -> None:
+    def _connect_failed(self, exc: BaseException, begun: float) -> None:
+        """A connect begun at ``begun`` failed (see `Generations.connect_failed`)."""
         failure = classify(exc)
         with self._cond:
             self._last_failure = (failure, ev.driver_message(driver_text(exc)))
             previous = self._gens.started
-            noticed = self._gens.connect_failed(failure, wanted=self._wanted())
-            old = self._take_old_idle() if noticed else []
+            verdict = self._gens.connect_failed(failure, wanted=self._wanted(),
+                                                attempt_started=begun)
+            old = self._take_old_idle() if verdict is not None else []
             self._cond.notify_all()
-        if noticed:
-            self._took_out("server went away", previous, None, old)
+        if verdict is not None:
+            self._took_out("server went away", previous, None, old,
+                           noticed=verdict is Verdict.NEW_SERVER)
 
     def _server_gone(self, exc: BaseException) -> bool:
         return classify(exc).kind in _SERVER_GONE
@@ -589,13 +595,16 @@ class OdbcFailoverPool:
         return old
 
     def _took_out(self, reason: str, previous: str | None, started: str | None,
-                  old: list[_Slot]) -> None:
+                  old: list[_Slot], *, noticed: bool = True) -> None:
+        """The old generation's idle connections were taken out: closed now; the event
+        once per failover (not for the second step of one, `Verdict.SETTLED`)."""
         with self._cond:
             failovers = self._gens.failovers
-        ev.emit(ev.PoolFailover(
-            target=self._target.description, elapsed=0.0, pool=self.name, reason=reason,
-            previous_server_started=previous, server_started=started,
-            closed_idle=len(old), failovers=failovers), self._on_event)
+        if noticed:
+            ev.emit(ev.PoolFailover(
+                target=self._target.description, elapsed=0.0, pool=self.name, reason=reason,
+                previous_server_started=previous, server_started=started,
+                closed_idle=len(old), failovers=failovers), self._on_event)
         for slot in old:
             self._replaced(slot, "old server")
 

@@ -363,9 +363,13 @@ def test_session_state_is_restored_on_a_new_session(driver: str, cluster: LocalC
         # Passthrough statements see the tracked state too.
         rc.read_only = False
         cluster.switchover()
-        with pytest.raises((psycopg.OperationalError, pyodbc.Error)) as lost:
+        if driver == "pyodbc":
+            with pytest.raises(pyodbc.Error) as lost:
+                rc.execute("SELECT 1")
+            assert lost.value.failure.kind is sf.Kind.CONNECTION_LOST  # type: ignore[attr-defined]
+        else:  # psycopg: the idle session the server closed is replaced before sending
             rc.execute("SELECT 1")
-        assert lost.value.failure.kind is sf.Kind.CONNECTION_LOST  # type: ignore[attr-defined]
+            rc.rollback()
         row = rc.execute("SHOW transaction_isolation").fetchone()
         rc.rollback()
     assert settings == [
