@@ -23,11 +23,13 @@ from ._driver_psycopg import (
     AsyncPsycopgDriver,
     apooled_session_info,
     gone,
-    guarded_async_class,
+    guard_off,
+    guard_on,
 )
 from ._policy import RetryPolicy
 from ._pool_common import (
     FailoverBookkeeping,
+    OldGeneration,
     finish,
     stale_error,
     tag,
@@ -84,7 +86,7 @@ class AsyncFailoverPool(FailoverBookkeeping, AsyncConnectionPool[ACT]):
         self._driver = AsyncPsycopgDriver()
         super().__init__(
             conninfo,
-            connection_class=guarded_async_class(connection_class),  # type: ignore[arg-type]
+            connection_class=connection_class,
             kwargs=kwargs,
             min_size=min_size,
             max_size=max_size,
@@ -129,22 +131,14 @@ class AsyncFailoverPool(FailoverBookkeeping, AsyncConnectionPool[ACT]):
 
     # --- psycopg_pool's hooks ------------------------------------------------------------
 
-    async def getconn(self, timeout: float | None = None) -> ACT:
-        conn = await super().getconn(timeout)
-        if getattr(conn, "_symfo_gen", -1) == self._gens.current:
-            return conn
-        return await self._getconn_again(conn, timeout)
-
-    async def _getconn_again(self, conn: ACT, timeout: float | None) -> ACT:
-        if timeout is None:
-            timeout = self.timeout
-        deadline = monotonic() + timeout
-        while True:
-            if self._is_current(conn):
-                return conn
-            self._replace(conn, "old server")
-            timeout = max(0.0, deadline - monotonic())
-            conn = await super().getconn(timeout)
+    async def _check_connection(self, conn: ACT) -> None:
+        # psycopg_pool's check before a connection is handed out (``check=``), first
+        # the generation: one handed over as a failover was noticed is given back
+        # (and replaced) and psycopg_pool hands out another one at once.
+        if getattr(conn, "_symfo_gen", -1) != self._gens.current:
+            raise OldGeneration("a connection to the server of before the failover")
+        if self._check:
+            await super()._check_connection(conn)
 
     async def _resolve_conninfo(self) -> str:
         return self._conninfo_resolved(await super()._resolve_conninfo())
@@ -215,8 +209,13 @@ class AsyncFailoverPool(FailoverBookkeeping, AsyncConnectionPool[ACT]):
             conn = await super()._get_ready_connection(timeout)
             if conn is None:
                 return None
-            if getattr(conn, "_symfo_gen", -1) == self._gens.current and not gone(conn):
-                return conn
+            if getattr(conn, "_symfo_gen", -1) == self._gens.current:
+                # `gone`, its usual answer first: idle, no goodbye, nothing to read.
+                if (conn.pgconn.transaction_status == IDLE and not conn._symfo_fatal  # type: ignore[attr-defined]
+                        and not conn._symfo_poller.poll(0)):  # type: ignore[attr-defined]
+                    return conn
+                if not gone(conn):
+                    return conn
             self._stats[self._CONNECTIONS_LOST] += 1
             self._replace(conn, "dead" if conn.closed else "old server")
 
@@ -248,17 +247,20 @@ class AsyncFailoverPool(FailoverBookkeeping, AsyncConnectionPool[ACT]):
 
     async def _lend(self) -> ACT:
         conn = await self.getconn()
+        guard_on(conn)  # commit() & co refused inside the unit (the core's are its own)
         if not conn.autocommit:
             await psycopg.AsyncConnection.set_autocommit(conn, True)
         return conn
 
     async def _discard(self, conn: ACT) -> None:
+        guard_off(conn)
         if not conn.closed:
             conn._symfo_discarded = True  # type: ignore[attr-defined]
             conn.pgconn.finish()
         await self.putconn(conn)
 
     async def _give_back(self, conn: ACT) -> None:
+        guard_off(conn)
         autocommit = conn._symfo_autocommit  # type: ignore[attr-defined]
         if not conn.closed and conn.autocommit != autocommit:
             await psycopg.AsyncConnection.set_autocommit(conn, autocommit)

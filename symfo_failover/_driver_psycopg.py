@@ -9,6 +9,7 @@ import functools
 import getpass
 import os
 import select
+import types
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -111,8 +112,8 @@ class _SyncGuard:
     inside ``Connection.transaction()``). Outside a unit it is a plain connection.
 
     The library calls ``psycopg.Connection``'s own methods for its BEGIN and COMMIT.
-    Mixed into psycopg's ``Connection`` (`GuardedConnection`) or into a pool's
-    ``connection_class`` (`guarded_class`).
+    A pool's connections (of the application's ``connection_class``) get the same
+    refusals for the time of a unit from `guard_on`.
     """
 
     _symfo_guard: UnitGuard | None = None
@@ -154,16 +155,57 @@ class GuardedConnection(_SyncGuard, psycopg.Connection[Any]):  # any row factory
     """`_SyncGuard` over psycopg's own ``Connection``: the resilient connection's."""
 
 
-@functools.lru_cache(maxsize=16)
-def guarded_class(cls: type[Any]) -> type[Any]:
-    """``cls`` (a ``psycopg.Connection`` class) with the unit guard mixed in: what a
-    failover pool makes its connections with. Its ``connect`` is ``cls``'s own."""
-    if issubclass(cls, _SyncGuard):
-        return cls
-    if cls is psycopg.Connection:
-        return GuardedConnection
-    return type(cls.__name__, (_SyncGuard, cls), {"__module__": cls.__module__,
-                                                  "__qualname__": cls.__qualname__})
+#: What `_SyncGuard` refuses inside a unit: method -> (rule, what was done).
+_REFUSED = {
+    "commit": ("ended-transaction", "commit() was called"),
+    "rollback": ("ended-transaction", "rollback() was called"),
+    "close": ("closed-connection", "close() was called"),
+    "set_autocommit": ("ended-transaction", "autocommit was set"),  # the property too
+    "tpc_begin": ("ended-transaction", "tpc_begin() was called"),
+    "tpc_prepare": ("ended-transaction", "tpc_prepare() was called"),
+}
+
+
+def _refusing(name: str, rule: str, what: str, is_async: bool) -> Any:
+    """A stand-in for the method ``name`` that refuses while a unit's guard is on."""
+    if is_async:
+        async def refusing_async(self: Any, *args: Any) -> Any:
+            guard = self._symfo_guard
+            if guard is not None:
+                raise guard.refuse(rule, what)
+            return await getattr(type(self), name)(self, *args)
+
+        return refusing_async
+
+    def refusing(self: Any, *args: Any) -> Any:
+        guard = self._symfo_guard
+        if guard is not None:
+            raise guard.refuse(rule, what)
+        return getattr(type(self), name)(self, *args)
+
+    return refusing
+
+
+_SYNC_REFUSING = {n: _refusing(n, r, w, False) for n, (r, w) in _REFUSED.items()}
+_ASYNC_REFUSING = {n: _refusing(n, r, w, True) for n, (r, w) in _REFUSED.items()}
+
+
+def guard_on(raw: psycopg.BaseConnection[Any]) -> None:
+    """Give a pooled connection (any ``connection_class``) `_SyncGuard`'s refusals for
+    the time of a unit: instance attributes, which psycopg's own calls (``with conn:``,
+    the ``autocommit`` property) look up before the class's methods. Outside units
+    the connection is the application's class, untouched (`guard_off`)."""
+    table = _ASYNC_REFUSING if isinstance(raw, psycopg.AsyncConnection) else _SYNC_REFUSING
+    attrs = raw.__dict__
+    for name, fn in table.items():
+        attrs[name] = types.MethodType(fn, raw)
+
+
+def guard_off(raw: psycopg.BaseConnection[Any]) -> None:
+    attrs = raw.__dict__
+    for name in _REFUSED:
+        attrs.pop(name, None)
+
 
 class _StatementGuard:
     """Mixed into the unit's cursor class while a unit runs: statements that end the
@@ -249,17 +291,6 @@ class _AsyncGuard:
 
 class GuardedAsyncConnection(_AsyncGuard, psycopg.AsyncConnection[Any]):
     """`_AsyncGuard` over psycopg's own ``AsyncConnection``."""
-
-
-@functools.lru_cache(maxsize=16)
-def guarded_async_class(cls: type[Any]) -> type[Any]:
-    """`guarded_class` for ``psycopg.AsyncConnection`` classes."""
-    if issubclass(cls, _AsyncGuard):
-        return cls
-    if cls is psycopg.AsyncConnection:
-        return GuardedAsyncConnection
-    return type(cls.__name__, (_AsyncGuard, cls), {"__module__": cls.__module__,
-                                                   "__qualname__": cls.__qualname__})
 
 
 class _AsyncStatementGuard:

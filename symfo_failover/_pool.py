@@ -38,10 +38,11 @@ from . import _core
 from . import _events as ev
 from ._connection import call_unit, drive
 from ._contract import refuse_coroutine_function
-from ._driver_psycopg import PsycopgDriver, gone, guarded_class, pooled_session_info
+from ._driver_psycopg import PsycopgDriver, gone, guard_off, guard_on, pooled_session_info
 from ._policy import RetryPolicy
 from ._pool_common import (
     FailoverBookkeeping,
+    OldGeneration,
     finish,
     nothing,
     stale_error,
@@ -101,7 +102,7 @@ class FailoverPool(FailoverBookkeeping, ConnectionPool[CT]):
         self._ops = self._operations()
         super().__init__(
             conninfo,
-            connection_class=guarded_class(connection_class),  # type: ignore[arg-type]
+            connection_class=connection_class,
             kwargs=kwargs,
             min_size=min_size,
             max_size=max_size,
@@ -150,23 +151,14 @@ class FailoverPool(FailoverBookkeeping, ConnectionPool[CT]):
 
     # --- psycopg_pool's hooks ------------------------------------------------------------
 
-    def getconn(self, timeout: float | None = None) -> CT:
-        conn = super().getconn(timeout)
-        if getattr(conn, "_symfo_gen", -1) == self._gens.current:
-            return conn
-        return self._getconn_again(conn, timeout)
-
-    def _getconn_again(self, conn: CT, timeout: float | None) -> CT:
-        if timeout is None:
-            timeout = self.timeout
-        deadline = monotonic() + timeout
-        while True:
-            if self._is_current(conn):
-                return conn
-            # Handed over by a connection that came back as the failover was noticed.
-            self._replace(conn, "old server")
-            timeout = max(0.0, deadline - monotonic())
-            conn = super().getconn(timeout)
+    def _check_connection(self, conn: CT) -> None:
+        # psycopg_pool's check before a connection is handed out (``check=``), first
+        # the generation: one handed over as a failover was noticed is given back
+        # (and replaced) and psycopg_pool hands out another one at once.
+        if getattr(conn, "_symfo_gen", -1) != self._gens.current:
+            raise OldGeneration("a connection to the server of before the failover")
+        if self._check:
+            super()._check_connection(conn)
 
     def _resolve_conninfo(self) -> str:
         return self._conninfo_resolved(super()._resolve_conninfo())
@@ -238,8 +230,13 @@ class FailoverPool(FailoverBookkeeping, ConnectionPool[CT]):
             conn = super()._get_ready_connection(timeout)
             if conn is None:
                 return None
-            if getattr(conn, "_symfo_gen", -1) == self._gens.current and not gone(conn):
-                return conn
+            if getattr(conn, "_symfo_gen", -1) == self._gens.current:
+                # `gone`, its usual answer first: idle, no goodbye, nothing to read.
+                if (conn.pgconn.transaction_status == IDLE and not conn._symfo_fatal  # type: ignore[attr-defined]
+                        and not conn._symfo_poller.poll(0)):  # type: ignore[attr-defined]
+                    return conn
+                if not gone(conn):
+                    return conn
             self._stats[self._CONNECTIONS_LOST] += 1
             self._replace(conn, "dead" if conn.closed else "old server")
 
@@ -293,6 +290,7 @@ class FailoverPool(FailoverBookkeeping, ConnectionPool[CT]):
 
     def _lend(self) -> CT:
         conn = self.getconn()
+        guard_on(conn)  # commit() & co refused inside the unit (the core's are its own)
         if not conn.autocommit:
             # The unit's BEGIN and COMMIT are the core's (local: the connection is idle).
             psycopg.Connection.set_autocommit(conn, True)
@@ -300,12 +298,14 @@ class FailoverPool(FailoverBookkeeping, ConnectionPool[CT]):
 
     def _discard(self, conn: CT) -> None:
         """The core gives a session up: closed, and given back to be replaced."""
+        guard_off(conn)
         if not conn.closed:
             conn._symfo_discarded = True  # type: ignore[attr-defined]
             conn.pgconn.finish()
         self.putconn(conn)
 
     def _give_back(self, conn: CT) -> None:
+        guard_off(conn)
         autocommit = conn._symfo_autocommit  # type: ignore[attr-defined]
         if not conn.closed and conn.autocommit != autocommit:
             psycopg.Connection.set_autocommit(conn, autocommit)

@@ -9,6 +9,7 @@ the same code serves threads and an event loop (it never waits while holding it)
 from __future__ import annotations
 
 import contextvars
+import select
 import threading
 from collections import deque
 from typing import Any
@@ -224,6 +225,11 @@ class FailoverBookkeeping:
         return core
 
 
+class OldGeneration(Exception):
+    """Raised by the pools' checkout check for a connection of an earlier generation:
+    psycopg_pool gives it back and hands out another (never seen by the application)."""
+
+
 def stale_error(info: SessionInfo) -> psycopg.OperationalError:
     return psycopg.OperationalError(
         f"connected to the server of before the failover (started {info.server_started}): "
@@ -260,7 +266,11 @@ def tag(conn: Any, generation: int, info: SessionInfo) -> None:
     conn._symfo_info = info
     conn._symfo_state = unit_state(conn)
     conn._symfo_autocommit = conn.autocommit
+    conn._symfo_fatal = False
     watch_goodbye(conn)
+    poller = select.poll()  # the socket look before each checkout (`gone`)
+    poller.register(conn.pgconn.socket, select.POLLIN | select.POLLERR | select.POLLHUP)
+    conn._symfo_poller = poller
 
 
 def finish(conn: Any) -> None:
