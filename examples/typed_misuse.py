@@ -23,3 +23,5 @@ async def misuse(dsn: str) -> None:
     arc = await sf.connect_async(dsn)
     await arc.run(transfer, "alice", 10)  # error: a sync unit for the async run()
     rc.run(atransfer, 10)  # error: an async unit for the sync run()
+    pool: sf.FailoverPool[psycopg.Connection[TupleRow]] = sf.FailoverPool(dsn, open=True)
+    pool.run(transfer, "alice", "ten")  # error: amount is an int

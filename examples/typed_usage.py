@@ -57,3 +57,26 @@ async def async_use(dsn: str) -> None:
     assert_type(arc.connection, psycopg.AsyncConnection[TupleRow] | None)
     async with arc:
         await arc.commit()
+
+
+def pool_use(dsn: str) -> None:
+    # The pools are psycopg_pool's pools: generic over the connection class.
+    pool: sf.FailoverPool[psycopg.Connection[TupleRow]] = sf.FailoverPool(dsn, open=True)
+    left = pool.run(transfer, "alice", "bob", 10)
+    assert_type(left, int)
+    with pool.connection() as conn:
+        assert_type(conn, psycopg.Connection[TupleRow])
+    assert_type(pool.failover_stats(), sf.FailoverStats)
+    assert_type(pool.failover_stats().failovers, int)
+    pool.close()
+
+
+async def async_pool_use(dsn: str) -> None:
+    pool: sf.AsyncFailoverPool[psycopg.AsyncConnection[TupleRow]] = sf.AsyncFailoverPool(
+        dsn, open=False)
+    await pool.open()
+    who = await pool.run(atransfer, "alice", 5)
+    assert_type(who, str)
+    async with pool.connection() as conn:
+        assert_type(conn, psycopg.AsyncConnection[TupleRow])
+    await pool.close()

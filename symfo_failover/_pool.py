@@ -299,10 +299,16 @@ class FailoverPool(FailoverBookkeeping, ConnectionPool[CT]):
     def _discard(self, conn: CT) -> None:
         """The core gives a session up: closed, and given back to be replaced."""
         guard_off(conn)
-        if not conn.closed:
-            conn._symfo_discarded = True  # type: ignore[attr-defined]
-            conn.pgconn.finish()
-        self.putconn(conn)
+        self._check_pool_putconn(conn)
+        if conn.closed:
+            self._count_met_dead()
+        if self._closed:
+            finish(conn)
+            return
+        # Replaced straight away, not given back: psycopg_pool would warn about a closed
+        # connection coming back ("discarding closed connection"), for a loss already
+        # handled here.
+        self._replace(conn, "returned broken")
 
     def _give_back(self, conn: CT) -> None:
         guard_off(conn)

@@ -189,6 +189,10 @@ class FailoverBookkeeping:
                                           pool=self.name, reason=reason), self._on_event)
         self.run_task(self._add_task(self))
 
+    def _count_met_dead(self) -> None:
+        with self._glock:
+            self._gens.met_dead += 1
+
     def _returned_dead(self, conn: Any) -> None:
         """A connection came back dead: counted once (psycopg_pool replaces it)."""
         if getattr(conn, "_symfo_counted", False):
@@ -196,8 +200,7 @@ class FailoverBookkeeping:
         conn._symfo_counted = True
         with self._glock:
             self._gens.replaced += 1
-            if not getattr(conn, "_symfo_discarded", False):
-                self._gens.met_dead += 1
+            self._gens.met_dead += 1
         ev.emit(ev.PoolConnectionReplaced(target=self._target.description, elapsed=0.0,
                                           pool=self.name, reason="returned broken"),
                 self._on_event)

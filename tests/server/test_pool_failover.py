@@ -749,3 +749,59 @@ def test_one_failover_one_refill_event(cl: LocalCluster, flavour: str,
         assert names.count("pool_connection_replaced") == len(replaced)
 
     in_pool(flavour, cl, body, on_event=rec)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_an_interrupted_unit_commits_nothing_and_psycopg_pool_says_nothing(
+    cl: LocalCluster, flavour: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ctrl-C in a sync unit, a cancellation of an async one: nothing is committed, a
+    `UnitInterrupted` says so, the session (in an unknown state) is replaced, and the
+    pool keeps its size. psycopg_pool logs nothing about it (its "discarding closed
+    connection" warning would reach stderr in an application without logging)."""
+    table = make_table(cl)
+    events: list[sf.Event] = []
+
+    def unit(conn: psycopg.Connection[Any]) -> None:
+        conn.execute(f"INSERT INTO {table} VALUES ('interrupted')")
+        raise KeyboardInterrupt
+
+    async def aunit(conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.execute(f"INSERT INTO {table} VALUES ('interrupted')")
+        await asyncio.sleep(30)
+
+    async def body(p: Sync) -> None:
+        with caplog.at_level(logging.DEBUG, logger="psycopg.pool"):
+            if flavour == "async":
+                task = asyncio.ensure_future(p.run(aunit))
+                for _ in range(200):  # until the INSERT ran (bounded: 10 s)
+                    await asyncio.sleep(0.05)
+                    if await off(table_rows_uncommitted, cl, table):
+                        break
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            else:
+                with pytest.raises(KeyboardInterrupt):
+                    await p.run(unit)
+        interrupted = [e for e in events if isinstance(e, sf.UnitInterrupted)]
+        assert [(e.phase, e.outcome) for e in interrupted] == [("unit", "rolled back")]
+        assert await off(table_rows, cl, table) == []
+        assert p.size() == SIZE
+        assert await p.query("SELECT 1") == [(1,)]
+        warned = [r.getMessage() for r in caplog.records
+                  if r.name == "psycopg.pool" and r.levelno >= logging.WARNING]
+        assert warned == []
+
+    in_pool(flavour, cl, body, on_event=events.append)
+
+
+def table_rows_uncommitted(cl: LocalCluster, table: str) -> bool:
+    """Whether a session of the pool has an INSERT into ``table`` in progress (seen in
+    pg_stat_activity as its last statement, in an open transaction)."""
+    with psycopg.connect(cl.conninfo(), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' "
+            "AND query LIKE %s", (f"INSERT INTO {table}%",)).fetchone()
+    assert row is not None
+    return bool(row[0])
