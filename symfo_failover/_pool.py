@@ -65,9 +65,9 @@ class FailoverPool(FailoverBookkeeping, ConnectionPool[CT]):
 
     Takes ``ConnectionPool``'s arguments with their meaning and defaults, plus
     ``policy`` (the `RetryPolicy` of ``run()`` and of the refill's waits) and
-    ``on_event`` (receives every `Event`). Connections are instances of a subclass of
-    ``connection_class`` (made with its own ``connect``) that refuses ``commit()`` and
-    ``rollback()`` inside a ``run()`` unit.
+    ``on_event`` (receives every `Event`). Connections are ``connection_class``'s, made
+    with its own ``connect``; inside a ``run()`` unit (only) ``commit()``,
+    ``rollback()``, ``close()`` and setting ``autocommit`` are refused on them.
     """
 
     _add_task = AddConnection
