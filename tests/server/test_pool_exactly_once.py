@@ -15,6 +15,8 @@ one in five is a ``pool.connection()`` block. Checked:
 - after a failover has been noticed, no request is handed a connection made before
   it (a connection's generation is at least the pool's failover count at the time of
   the request).
+
+``SYMFO_SOAK=1`` adds a soak of 500 failovers per driver on the threads' pool.
 """
 
 from __future__ import annotations
@@ -263,7 +265,8 @@ def make_pool(driver: str, conninfo: str, size: int, out: PoolResults) -> Any:
 
 
 def check(out: PoolResults, cluster: LocalCluster, injector: PoolInjector, size: int,
-          logged: Any, unknown_bound: int, label: str, spent: float) -> None:
+          logged: Any, unknown_bound: int, label: str, spent: float,
+          failovers: int = FAILOVERS) -> None:
     books = read_books(cluster)
     print(f"\n{label}: {sum(injector.counts.values())} faults {dict(injector.counts)} in "
           f"{spent:.1f} s; {len(out.returned)} transfers returned, {len(out.raised)} raised "
@@ -271,7 +274,7 @@ def check(out: PoolResults, cluster: LocalCluster, injector: PoolInjector, size:
           f"(failed {out.block_errors}); pool failovers noticed {out.pool_failovers}; "
           f"sessions after faults max {max(out.sessions_after_faults)}; "
           f"events {dict(out.events)}; commit resolutions {dict(out.resolutions)}")
-    assert sum(injector.counts[k] for k in CLUSTER_FAULTS) >= FAILOVERS
+    assert sum(injector.counts[k] for k in CLUSTER_FAULTS) >= failovers
     check_books(out, books, logged, accounts=ACCOUNTS, password=PASSWORD,
                 unknown_bound=unknown_bound)
     assert not out.stale, out.stale[:5]
@@ -289,6 +292,17 @@ def check(out: PoolResults, cluster: LocalCluster, injector: PoolInjector, size:
 def test_threads_on_a_pool_commit_exactly_once_through_30_failovers(
     driver: str, bank: tuple[LocalCluster, FaultProxy]
 ) -> None:
+    threads_bank(driver, bank, FAILOVERS)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("driver", ["psycopg", pytest.param("pyodbc", marks=pytest.mark.odbc)])
+def test_pool_soak(driver: str, bank: tuple[LocalCluster, FaultProxy]) -> None:
+    threads_bank(driver, bank, 500)
+
+
+def threads_bank(driver: str, bank: tuple[LocalCluster, FaultProxy], failovers: int) -> None:
     cluster, proxy = bank
     threads_n, size = 16, 8
     if driver == "psycopg":
@@ -310,7 +324,7 @@ def test_threads_on_a_pool_commit_exactly_once_through_30_failovers(
                 for t in threads:
                     t.start()
                 try:
-                    injector.run(FAILOVERS)
+                    injector.run(failovers)
                     injector.wait_for_traffic(transfers=threads_n * 2)
                 finally:
                     stop.set()
@@ -323,7 +337,7 @@ def test_threads_on_a_pool_commit_exactly_once_through_30_failovers(
     spent = time.monotonic() - started
     assert settle(cluster, 0) == 0, "sessions left after close()"
     check(out, cluster, injector, size, logged, unknown_bound=threads_n, label=driver,
-          spent=spent)
+          spent=spent, failovers=failovers)
 
 
 def test_tasks_on_an_async_pool_commit_exactly_once_through_30_failovers(
