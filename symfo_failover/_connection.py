@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, overload
 
 from . import _core
@@ -281,25 +281,14 @@ class ResilientConnection(ConnectionFacts[C]):
         return drive(flow, self._ops)
 
     def _operations(self) -> list[Callable[..., Any]]:
-        driver = self._driver
-        policy = self._core.policy
-        table: dict[int, Callable[..., Any]] = {
-            _core.OP_CONNECT: self._source.connect,
-            _core.OP_DISCARD: self._source.discard,
-            _core.OP_INFO: driver.session_info,
-            _core.OP_END_SESSION: driver.end_session,
-            _core.OP_APPLY_STATE: driver.apply_state,
-            _core.OP_CONFIGURE: self._run_configure,
-            _core.OP_BEGIN: driver.begin,
-            _core.OP_UNIT: call_unit,
-            _core.OP_COMMIT: driver.commit,
-            _core.OP_ROLLBACK: driver.rollback,
-            _core.OP_XACT_STATUS: driver.xact_status,
-            _core.OP_AUTOCOMMIT: driver.set_autocommit,
-            _core.OP_SLEEP: policy.sleep,
-            _core.OP_PROBE: lambda target: _core.probe_answers(target, probe, PROBE_TIMEOUT),
-        }
-        return [table[i] for i in range(_core.N_OPS)]
+        return operations(
+            self._driver, connect=self._source.connect, discard=self._source.discard,
+            sleep=self._core.policy.sleep,
+            instead={
+                _core.OP_CONFIGURE: self._run_configure,
+                _core.OP_PROBE: lambda target: _core.probe_answers(target, probe,
+                                                                    PROBE_TIMEOUT),
+            })
 
     def _run_configure(self, raw: C) -> None:
         assert self._configure is not None
@@ -330,6 +319,39 @@ class ResilientConnection(ConnectionFacts[C]):
         assert guard is not None
         return guard.refuse("connection-in-unit", f"{what} on the {type(self).__name__}")
 
+
+
+def operations(driver: Driver[Any], *, connect: Callable[[], Any],
+               discard: Callable[[Any], Any], sleep: Callable[[float], Any],
+               instead: Mapping[int, Callable[..., Any]] = MappingProxyType({}),
+               ) -> list[Callable[..., Any]]:
+    """The blocking runner's table of operations (indexed by the operation's number):
+    the session source's ``connect`` and ``discard``, the driver's I/O, and what a
+    runner does its own way ``instead`` (a pool reads a session's facts it kept, a
+    plain connection runs ``configure`` and asks the servers)."""
+    table: dict[int, Callable[..., Any]] = {
+        _core.OP_CONNECT: connect,
+        _core.OP_DISCARD: discard,
+        _core.OP_INFO: driver.session_info,
+        _core.OP_END_SESSION: driver.end_session,
+        _core.OP_APPLY_STATE: driver.apply_state,
+        _core.OP_CONFIGURE: nothing,
+        _core.OP_BEGIN: driver.begin,
+        _core.OP_UNIT: call_unit,
+        _core.OP_COMMIT: driver.commit,
+        _core.OP_ROLLBACK: driver.rollback,
+        _core.OP_XACT_STATUS: driver.xact_status,
+        _core.OP_AUTOCOMMIT: driver.set_autocommit,
+        _core.OP_SLEEP: sleep,
+        _core.OP_PROBE: lambda target: [],
+    }
+    table.update(instead)
+    return [table[i] for i in range(_core.N_OPS)]
+
+
+def nothing(*args: Any) -> None:
+    """An operation a runner has nothing to do for."""
+    return None
 
 
 def drive(flow: Flow[_T], ops: list[Callable[..., Any]]) -> _T:

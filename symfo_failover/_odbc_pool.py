@@ -65,7 +65,7 @@ import pyodbc
 from . import _core
 from . import _events as ev
 from ._classify import classify, driver_text
-from ._connection import call_unit, drive
+from ._connection import drive, nothing, operations
 from ._contract import refuse_coroutine_function
 from ._core import Core
 from ._driver_pyodbc import PyodbcDriver
@@ -653,24 +653,12 @@ class OdbcFailoverPool:
     # --- run(): the pool as the core's session source ------------------------------------
 
     def _operations(self) -> list[Callable[..., Any]]:
-        driver = self._driver
-        table: dict[int, Callable[..., Any]] = {
-            _core.OP_CONNECT: lambda: self._checkout(self._timeout).raw,
-            _core.OP_DISCARD: self._discard,
-            _core.OP_INFO: lambda raw: self._slot_of(raw).info,
-            _core.OP_END_SESSION: driver.end_session,
-            _core.OP_APPLY_STATE: _nothing,
-            _core.OP_CONFIGURE: _nothing,  # configure ran when the connection was made
-            _core.OP_BEGIN: driver.begin,
-            _core.OP_UNIT: call_unit,
-            _core.OP_COMMIT: driver.commit,
-            _core.OP_ROLLBACK: driver.rollback,
-            _core.OP_XACT_STATUS: driver.xact_status,
-            _core.OP_AUTOCOMMIT: driver.set_autocommit,
-            _core.OP_SLEEP: lambda seconds: self._policy.sleep(seconds),
-            _core.OP_PROBE: lambda target: [],
-        }
-        return [table[i] for i in range(_core.N_OPS)]
+        return operations(self._driver, connect=lambda: self._checkout(self._timeout).raw,
+                          discard=self._discard, sleep=self._policy.sleep, instead={
+                              _core.OP_INFO: lambda raw: self._slot_of(raw).info,
+                              # configure ran when the connection was made
+                              _core.OP_APPLY_STATE: nothing,
+                          })
 
 
 def _count(what: str, value: object, *, least: int) -> int:
@@ -679,7 +667,3 @@ def _count(what: str, value: object, *, least: int) -> int:
     if value < least:
         raise ValueError(f"{what} must be >= {least}, not {value}")
     return value
-
-
-def _nothing(*args: Any) -> None:
-    return None

@@ -36,7 +36,7 @@ from psycopg_pool.pool import AddConnection
 
 from . import _core
 from . import _events as ev
-from ._connection import call_unit, drive
+from ._connection import drive, nothing, operations
 from ._contract import refuse_coroutine_function
 from ._driver_psycopg import PsycopgDriver, gone, guard_off, guard_on, pooled_session_info
 from ._policy import RetryPolicy
@@ -44,7 +44,6 @@ from ._pool_common import (
     FailoverBookkeeping,
     OldGeneration,
     finish,
-    nothing,
     stale_error,
     tag,
 )
@@ -270,23 +269,15 @@ class FailoverPool(FailoverBookkeeping, ConnectionPool[CT]):
 
     def _operations(self) -> list[Callable[..., Any]]:
         driver = self._driver
-        table: dict[int, Callable[..., Any]] = {
-            _core.OP_CONNECT: self._lend,
-            _core.OP_DISCARD: self._discard,
-            _core.OP_INFO: lambda raw: raw._symfo_info,
-            _core.OP_END_SESSION: driver.end_session,
-            _core.OP_APPLY_STATE: nothing,
-            _core.OP_CONFIGURE: nothing,  # psycopg_pool's configure ran at connect
-            _core.OP_BEGIN: lambda raw, state: driver.begin(raw, raw._symfo_state),
-            _core.OP_UNIT: call_unit,
-            _core.OP_COMMIT: driver.commit,
-            _core.OP_ROLLBACK: driver.rollback,
-            _core.OP_XACT_STATUS: driver.xact_status,
-            _core.OP_AUTOCOMMIT: driver.set_autocommit,
-            _core.OP_SLEEP: lambda seconds: self._policy.sleep(seconds),
-            _core.OP_PROBE: lambda target: [],
-        }
-        return [table[i] for i in range(_core.N_OPS)]
+        return operations(driver, connect=self._lend, discard=self._discard,
+                          sleep=self._policy.sleep, instead={
+                              # What the pool read when it made the connection; its
+                              # settings are configure's (psycopg_pool ran it then).
+                              _core.OP_INFO: lambda raw: raw._symfo_info,
+                              _core.OP_APPLY_STATE: nothing,
+                              _core.OP_BEGIN: lambda raw, state: driver.begin(
+                                  raw, raw._symfo_state),
+                          })
 
     def _lend(self) -> CT:
         conn = self.getconn()

@@ -282,7 +282,3 @@ def finish(conn: Any) -> None:
     conn._pool = None
     if not conn.closed:
         conn.pgconn.finish()
-
-
-def nothing(*args: Any) -> None:
-    return None
