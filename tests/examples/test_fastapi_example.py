@@ -4,36 +4,21 @@ is invisible to the second one."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import psycopg
 import pytest
+from example_loader import load
 from starlette.testclient import TestClient
 
 from symfo_failover.harness import LocalCluster
 
 pytestmark = pytest.mark.server
 
-APP_PATH = Path(__file__).resolve().parents[2] / "examples" / "fastapi_app.py"
-
-
 @pytest.fixture(scope="module")
 def example() -> Iterator[ModuleType]:
-    """The example module, loaded from its file (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("fastapi_app_example", APP_PATH)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # pydantic resolves the models' annotations here
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from load("fastapi_app")
 
 
 @pytest.fixture

@@ -4,15 +4,13 @@ invisible to the second one."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import psycopg
 import pytest
+from example_loader import load
 
 pytest.importorskip("psycopg_pool")
 sqlalchemy = pytest.importorskip("sqlalchemy")
@@ -25,22 +23,6 @@ from symfo_failover import FailoverPool  # noqa: E402
 from symfo_failover.harness import LocalCluster  # noqa: E402
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def load(name: str) -> Iterator[ModuleType]:
-    """An example module, loaded from its file (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_example", EXAMPLES / f"{name}.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # pydantic resolves the models' annotations here
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Generator, Iterator
 
+import psycopg
 import pytest
 
-from symfo_failover.harness import BaseCluster, LocalServer, container_available
+from symfo_failover.harness import BaseCluster, LocalCluster, LocalServer, container_available
 from symfo_failover.harness.pytest_plugin import make_cluster
 
 
@@ -45,6 +46,19 @@ def fresh_server(request: pytest.FixtureRequest) -> Iterator[LocalServer]:
         srv.start()
         yield srv
         _print_log_on_failure(request, srv)
+
+
+@pytest.fixture
+def cluster() -> Iterator[LocalCluster]:
+    """A running two-node cluster of its own, with a ``ledger (id, amount)`` and a
+    one-row ``counter (n)`` table (a module may define its own ``cluster``)."""
+    with LocalCluster() as cl:
+        cl.start()
+        with psycopg.connect(cl.conninfo(), autocommit=True) as conn:
+            conn.execute("CREATE TABLE ledger (id text, amount int)")
+            conn.execute("CREATE TABLE counter (n int)")
+            conn.execute("INSERT INTO counter VALUES (0)")
+        yield cl
 
 
 @pytest.fixture(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -21,17 +20,6 @@ pytestmark = [pytest.mark.server, pytest.mark.odbc]
 
 FAST = sf.RetryPolicy(deadline=30)
 START = "SELECT pg_postmaster_start_time()::text"
-
-
-@pytest.fixture
-def cluster() -> Iterator[LocalCluster]:
-    with LocalCluster() as cl:
-        cl.start()
-        with psycopg.connect(cl.conninfo(), autocommit=True) as conn:
-            conn.execute("CREATE TABLE ledger (id text, amount int)")
-            conn.execute("CREATE TABLE counter (n int)")
-            conn.execute("INSERT INTO counter VALUES (0)")
-        yield cl
 
 
 def pool_of(cluster: LocalCluster, **kwargs: Any) -> sf.OdbcFailoverPool:

@@ -39,17 +39,6 @@ def driver(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def cluster() -> Iterator[LocalCluster]:
-    with LocalCluster() as cl:
-        cl.start()
-        with psycopg.connect(cl.conninfo(), autocommit=True) as conn:
-            conn.execute("CREATE TABLE ledger (id text, amount int)")
-            conn.execute("CREATE TABLE counter (n int)")
-            conn.execute("INSERT INTO counter VALUES (0)")
-        yield cl
-
-
-@pytest.fixture
 def proxy(cluster: LocalCluster) -> Iterator[FaultProxy]:
     with FaultProxy(cluster.host, cluster.port) as px:
         yield px
