@@ -369,21 +369,25 @@ def check_books(out: Any, books: Books, logged: LogCapture, *, accounts: int, pa
 
 
 class LogCapture(logging.Handler):
-    """Every line the library logs during the run, formatted, at any level."""
+    """Every line a logger logs during the run, at any level: the records, and each
+    formatted with all its fields (to look for a secret in)."""
 
     def __init__(self) -> None:
         super().__init__(level=logging.DEBUG)
         self.lines: list[str] = []
+        self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
         self.lines.append(self.format(record) + " " + repr(record.__dict__))
 
 
 @contextlib.contextmanager
-def capture_logs() -> Iterator[LogCapture]:
-    """The library's log lines at every level, for the duration of the block."""
+def capture_logs(name: str = "symfo_failover") -> Iterator[LogCapture]:
+    """The log lines of logger ``name`` (the library's) at every level, for the
+    duration of the block."""
     logged = LogCapture()
-    logger = logging.getLogger("symfo_failover")
+    logger = logging.getLogger(name)
     level = logger.level
     logger.addHandler(logged)
     logger.setLevel(logging.DEBUG)

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import gc
 import inspect
-import logging
 import socket
 import sys
 import threading
@@ -37,6 +36,7 @@ import psycopg
 import psycopg_pool
 import pytest
 from psycopg_pool import PoolClosed, PoolTimeout, TooManyRequests
+from test_exactly_once import capture_logs
 
 import symfo_failover as sf
 from symfo_failover.harness import LocalServer
@@ -154,28 +154,6 @@ async def hold_all(pool: Any, n: int) -> list[Any]:
 async def put_all(pool: Any, conns: list[Any]) -> None:
     for conn in conns:
         await aw(pool.putconn(conn))
-
-
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@contextlib.contextmanager
-def logged(name: str) -> Iterator[Records]:
-    logger = logging.getLogger(name)
-    handler, level = Records(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 @pytest.fixture
@@ -739,7 +717,7 @@ def test_wait_timeout_raises_and_closes_the_pool(cls: type[Any], flavour: str) -
             with pytest.raises(PoolClosed):
                 await aw(pool.getconn(timeout=1))
 
-    with logged("symfo_failover"), logged("psycopg.pool"):
+    with capture_logs("symfo_failover"), capture_logs("psycopg.pool"):
         run(body())
 
 
@@ -932,7 +910,7 @@ def test_reconnect_failed_called(cls: type[Any], flavour: str, async_callback: b
             assert called[0] is pool
             assert pool.get_stats()["connections_errors"] >= 1
 
-    with logged("symfo_failover"), logged("psycopg.pool"):
+    with capture_logs("symfo_failover"), capture_logs("psycopg.pool"):
         run(body())
 
 
@@ -998,7 +976,7 @@ def test_our_events_go_to_our_logger(cls: type[Any], flavour: str,
                                name="logged-pool", on_event=events.append)) as pool:
             await _use_and_replace(pool, server)
 
-    with logged("symfo_failover") as ours, logged("psycopg.pool") as theirs:
+    with capture_logs("symfo_failover") as ours, capture_logs("psycopg.pool") as theirs:
         run(body())
     replaced = [e for e in events if isinstance(e, sf.PoolConnectionReplaced)]
     assert replaced, events
@@ -1031,5 +1009,5 @@ def test_reconnect_failed_called_for_each_attempt_that_gave_up(cls: type[Any],
                         timeout=2.0)
             assert calls == [pool, pool]
 
-    with logged("symfo_failover"), logged("psycopg.pool"):
+    with capture_logs("symfo_failover"), capture_logs("psycopg.pool"):
         run(body())
