@@ -482,9 +482,7 @@ class OdbcFailoverPool:
         with self._cond:
             gens = self._gens
             previous = gens.started
-            verdict = gens.connected(info.server_started)
-            if verdict is Verdict.NEW_SERVER:
-                gens.server_changed(wanted=self._wanted())
+            verdict = gens.connected(info.server_started, wanted=self._wanted())
             taking_out = verdict is Verdict.NEW_SERVER or verdict is Verdict.SETTLED
             old = self._take_old_idle() if taking_out else []
             slot = _Slot(raw, gens.current, info)

@@ -91,9 +91,7 @@ class FailoverBookkeeping:
         with self._glock:
             gens = self._gens
             previous = gens.started
-            verdict = gens.connected(info.server_started)
-            if verdict is Verdict.NEW_SERVER:
-                gens.server_changed(wanted=self._nconns)
+            verdict = gens.connected(info.server_started, wanted=self._nconns)
             return verdict, gens.current, previous
 
     def _connect_failed(self, exc: BaseException, conn: object,

@@ -153,8 +153,10 @@ class Generations:
 
     # --- decisions ---------------------------------------------------------------------
 
-    def connected(self, started: str) -> Verdict:
-        """A new connection reached a server that started at ``started``."""
+    def connected(self, started: str, *, wanted: int = 0) -> Verdict:
+        """A new connection reached a server that started at ``started``. On a new
+        server the refill to ``wanted`` connections (the pool's size) is timed from
+        now."""
         self.down = False
         self.failing_since = None
         if self.started == started:
@@ -175,7 +177,10 @@ class Generations:
         self._next_generation(counted=not settled)
         self.tentative = False
         self.started = started
-        return Verdict.SETTLED if settled else Verdict.NEW_SERVER
+        if settled:
+            return Verdict.SETTLED
+        self.start_refill(wanted)
+        return Verdict.NEW_SERVER
 
     def connect_failed(self, failure: Failure, *, wanted: int,
                        attempt_started: float | None = None) -> Verdict | None:
@@ -211,10 +216,6 @@ class Generations:
         self._next_generation()
         self.start_refill(wanted)
         return Verdict.NEW_SERVER
-
-    def server_changed(self, *, wanted: int) -> None:
-        """After `connected` said `Verdict.NEW_SERVER`: the refill starts now."""
-        self.start_refill(wanted)
 
     def is_current(self, generation: int) -> bool:
         return generation == self.current

@@ -201,8 +201,7 @@ def test_refill_is_timed_from_noticing_to_a_full_pool() -> None:
         g.connected(A)
         assert g.added(0, wanted=3) is None  # no failover yet: nothing to time
     clock.now = 1010.0
-    assert g.connected(B) is Verdict.NEW_SERVER
-    g.server_changed(wanted=3)
+    assert g.connected(B, wanted=3) is Verdict.NEW_SERVER
     assert g.stats().refilling
     clock.now = 1010.5
     assert g.added(1, wanted=3) is None
@@ -237,8 +236,7 @@ def test_refill_completes_at_the_smaller_of_the_wanted_sizes() -> None:
     size, not the one at the failover."""
     g, clock = gens()
     g.connected(A)
-    g.connected(B)
-    g.server_changed(wanted=4)
+    g.connected(B, wanted=4)
     clock.now += 1.0
     assert g.added(1, wanted=2) is None
     assert g.added(1, wanted=2) == pytest.approx(1.0)
@@ -248,8 +246,7 @@ def test_only_the_last_100_refills_are_kept() -> None:
     g, clock = gens()
     g.connected(A)
     for i in range(105):
-        g.connected(f"s{i}")
-        g.server_changed(wanted=1)
+        g.connected(f"s{i}", wanted=1)
         clock.now += 1.0 + i
         g.added(g.current, wanted=1)
     s = g.stats()
@@ -269,8 +266,7 @@ def test_stats() -> None:
     g.connected(A)
     g.replaced += 3
     g.met_dead += 1
-    g.connected(B)
-    g.server_changed(wanted=1)
+    g.connected(B, wanted=1)
     clock.now += 0.5
     g.added(1, wanted=1)
     s = g.stats()
