@@ -617,14 +617,12 @@ def gone(raw: psycopg.BaseConnection[Any]) -> bool:
     if getattr(raw, "_symfo_fatal", False):
         return True  # the server said goodbye; the end of the stream may follow later
     poller = getattr(raw, "_symfo_poller", None)
-    if poller is None:  # one per connection: its socket is the same for its life
+    if poller is None:  # a connection not made by the library
         try:
-            fd = pgconn.socket
+            watch_goodbye(raw)
         except psycopg.OperationalError:
-            return True
-        poller = select.poll()
-        poller.register(fd, _POLLIN)
-        raw._symfo_poller = poller  # type: ignore[attr-defined]
+            return True  # no socket
+        poller = raw._symfo_poller  # type: ignore[attr-defined]
     for _ in range(3):  # the message, then the end of the stream
         if not poller.poll(0):
             return False
@@ -638,9 +636,15 @@ def gone(raw: psycopg.BaseConnection[Any]) -> bool:
 
 
 def watch_goodbye(raw: psycopg.BaseConnection[Any]) -> None:
-    """Note on ``raw`` when the server sends a FATAL while the session is idle (libpq
-    gives it as a notice: a shutdown, ``pg_terminate_backend``, ``idle_session_timeout``),
-    so that `gone` knows before the end of the stream arrives."""
+    """Make a new connection ready for `gone`: its socket's poller (one for the
+    connection's life), and a note on ``raw`` when the server sends a FATAL while the
+    session is idle (libpq gives it as a notice: a shutdown, ``pg_terminate_backend``,
+    ``idle_session_timeout``), so that `gone` knows before the end of the stream
+    arrives."""
+    poller = select.poll()
+    poller.register(raw.pgconn.socket, _POLLIN)
+    raw._symfo_poller = poller  # type: ignore[attr-defined]
+    raw._symfo_fatal = False  # type: ignore[attr-defined]
     ref = weakref.ref(raw)
 
     def on_notice(diag: psycopg.errors.Diagnostic) -> None:

@@ -9,7 +9,6 @@ the same code serves threads and an event loop (it never waits while holding it)
 from __future__ import annotations
 
 import contextvars
-import select
 import threading
 from collections import deque
 from typing import Any
@@ -267,11 +266,7 @@ def tag(conn: Any, generation: int, info: SessionInfo) -> None:
     conn._symfo_info = info
     conn._symfo_state = unit_state(conn)
     conn._symfo_autocommit = conn.autocommit
-    conn._symfo_fatal = False
-    watch_goodbye(conn)
-    poller = select.poll()  # the socket look before each checkout (`gone`)
-    poller.register(conn.pgconn.socket, select.POLLIN | select.POLLERR | select.POLLHUP)
-    conn._symfo_poller = poller
+    watch_goodbye(conn)  # ready for the socket look before each checkout (`gone`)
 
 
 def finish(conn: Any) -> None:
