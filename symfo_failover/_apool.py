@@ -19,6 +19,7 @@ from psycopg_pool.pool_async import AddConnection
 from . import _core
 from . import _events as ev
 from ._aconnection import AsyncResilientConnection
+from ._contract import refuse_sync_function
 from ._driver_psycopg import (
     AsyncPsycopgDriver,
     apooled_session_info,
@@ -113,6 +114,7 @@ class AsyncFailoverPool(FailoverBookkeeping, AsyncConnectionPool[ACT]):
         exactly once: the guarantees, the contract, the errors and the cancellation
         rules of `AsyncResilientConnection.run`. On a lost session the unit goes on on
         another connection of the pool; a lost COMMIT is resolved with the server."""
+        refuse_sync_function(fn)  # before a connection is taken for it
         nested = nested_run(RUNNING.get())
         if nested is not None:
             raise nested
