@@ -315,6 +315,66 @@ def _guarded_async_cursor(cls: type[Any]) -> type[Any]:
 
 
 
+# --- the look at an idle session's socket (no round trip) ----------------------------
+
+_POLLIN = select.POLLIN | select.POLLERR | select.POLLHUP
+
+
+def gone(raw: psycopg.BaseConnection[Any]) -> bool:
+    """Whether an idle connection is already dead, without a round trip.
+
+    After a switchover or a shutdown the server sends a FATAL and closes the socket; a
+    crashed or killed server's kernel closes it. Either way the socket is readable:
+    libpq reads what is waiting (a FATAL while idle is a notice to libpq), and reading
+    the end of the stream marks the connection bad. A socket with nothing to read is
+    taken as alive: a partition shows only on use (keepalives, ``tcp_user_timeout``).
+    """
+    pgconn = raw.pgconn
+    if pgconn.transaction_status != _IDLE:
+        # BAD, or in a transaction (or a query): not to be swapped for another
+        return pgconn.status == _BAD
+    if getattr(raw, "_symfo_fatal", False):
+        return True  # the server said goodbye; the end of the stream may follow later
+    poller = getattr(raw, "_symfo_poller", None)
+    if poller is None:  # a connection not made by the library
+        try:
+            watch_goodbye(raw)
+        except psycopg.OperationalError:
+            return True  # no socket
+        poller = raw._symfo_poller  # type: ignore[attr-defined]
+    for _ in range(3):  # the message, then the end of the stream
+        if not poller.poll(0):
+            return False
+        try:
+            pgconn.consume_input()
+        except psycopg.OperationalError:
+            return True
+        if pgconn.status == _BAD or getattr(raw, "_symfo_fatal", False):
+            return True
+    return False
+
+
+def watch_goodbye(raw: psycopg.BaseConnection[Any]) -> None:
+    """Make a new connection ready for `gone`: its socket's poller (one for the
+    connection's life), and a note on ``raw`` when the server sends a FATAL while the
+    session is idle (libpq gives it as a notice: a shutdown, ``pg_terminate_backend``,
+    ``idle_session_timeout``), so that `gone` knows before the end of the stream
+    arrives."""
+    poller = select.poll()
+    poller.register(raw.pgconn.socket, _POLLIN)
+    raw._symfo_poller = poller  # type: ignore[attr-defined]
+    raw._symfo_fatal = False  # type: ignore[attr-defined]
+    ref = weakref.ref(raw)
+
+    def on_notice(diag: psycopg.errors.Diagnostic) -> None:
+        if diag.severity_nonlocalized in ("FATAL", "PANIC"):
+            conn = ref()
+            if conn is not None:
+                conn._symfo_fatal = True  # type: ignore[attr-defined]
+
+    raw.add_notice_handler(on_notice)
+
+
 #: A psycopg session of either kind: what the local facts read.
 _Session = TypeVar("_Session", "GuardedConnection", "GuardedAsyncConnection")
 
@@ -386,8 +446,8 @@ class _PsycopgFacts(Generic[_Session]):
         # psycopg: a broken connection is always closed (its PGconn is BAD).
         return bool(raw.closed)
 
-    def gone(self, raw: _Session) -> bool:
-        return gone(raw)
+    #: The function itself: the passthrough asks it before every statement.
+    gone = staticmethod(gone)
 
     def closed_error(self) -> BaseException:
         return psycopg.OperationalError("the connection is closed")
@@ -562,7 +622,6 @@ def _endpoints(params: Mapping[str, Any]) -> tuple[_t.Endpoint, ...]:
 # --- what a failover pool reads of its connections --------------------------------------
 
 _SESSION_INFO_BYTES = _t.SESSION_INFO_SQL.encode()
-_POLLIN = select.POLLIN | select.POLLERR | select.POLLHUP
 
 
 def pooled_session_info(raw: psycopg.Connection[Any]) -> _t.SessionInfo:
@@ -599,58 +658,3 @@ def unit_state(raw: psycopg.BaseConnection[Any]) -> _t.SessionState:
         isolation_level=_t.normalise_isolation(raw.isolation_level),
         read_only=raw.read_only,
     )
-
-
-def gone(raw: psycopg.BaseConnection[Any]) -> bool:
-    """Whether an idle connection is already dead, without a round trip.
-
-    After a switchover or a shutdown the server sends a FATAL and closes the socket; a
-    crashed or killed server's kernel closes it. Either way the socket is readable:
-    libpq reads what is waiting (a FATAL while idle is a notice to libpq), and reading
-    the end of the stream marks the connection bad. A socket with nothing to read is
-    taken as alive: a partition shows only on use (keepalives, ``tcp_user_timeout``).
-    """
-    pgconn = raw.pgconn
-    if pgconn.transaction_status != _IDLE:
-        # BAD, or in a transaction (or a query): not to be swapped for another
-        return pgconn.status == _BAD
-    if getattr(raw, "_symfo_fatal", False):
-        return True  # the server said goodbye; the end of the stream may follow later
-    poller = getattr(raw, "_symfo_poller", None)
-    if poller is None:  # a connection not made by the library
-        try:
-            watch_goodbye(raw)
-        except psycopg.OperationalError:
-            return True  # no socket
-        poller = raw._symfo_poller  # type: ignore[attr-defined]
-    for _ in range(3):  # the message, then the end of the stream
-        if not poller.poll(0):
-            return False
-        try:
-            pgconn.consume_input()
-        except psycopg.OperationalError:
-            return True
-        if pgconn.status == _BAD or getattr(raw, "_symfo_fatal", False):
-            return True
-    return False
-
-
-def watch_goodbye(raw: psycopg.BaseConnection[Any]) -> None:
-    """Make a new connection ready for `gone`: its socket's poller (one for the
-    connection's life), and a note on ``raw`` when the server sends a FATAL while the
-    session is idle (libpq gives it as a notice: a shutdown, ``pg_terminate_backend``,
-    ``idle_session_timeout``), so that `gone` knows before the end of the stream
-    arrives."""
-    poller = select.poll()
-    poller.register(raw.pgconn.socket, _POLLIN)
-    raw._symfo_poller = poller  # type: ignore[attr-defined]
-    raw._symfo_fatal = False  # type: ignore[attr-defined]
-    ref = weakref.ref(raw)
-
-    def on_notice(diag: psycopg.errors.Diagnostic) -> None:
-        if diag.severity_nonlocalized in ("FATAL", "PANIC"):
-            conn = ref()
-            if conn is not None:
-                conn._symfo_fatal = True  # type: ignore[attr-defined]
-
-    raw.add_notice_handler(on_notice)
