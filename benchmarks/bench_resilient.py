@@ -468,7 +468,15 @@ def main() -> None:
                         help="where the servers' data directories go (the harness's default: "
                              "/dev/shm, where fsync costs nothing; e.g. /var/tmp for a disk)")
     parser.add_argument("--driver", choices=("psycopg", "pyodbc", "both"), default="both")
+    parser.add_argument("--no-socket-look", action="store_true",
+                        help="A/B: the psycopg passthrough without its look at an idle "
+                             "session's socket before each statement (not a setting of "
+                             "the library: it patches the adapter for this run)")
     args = parser.parse_args()
+    if args.no_socket_look:
+        from symfo_failover import _driver_psycopg
+
+        _driver_psycopg._PsycopgFacts.gone = staticmethod(lambda raw: False)  # type: ignore[method-assign,assignment]
     if args.tmpdir:
         # Read by the harness when it makes its first server.
         os.environ["TMPDIR"] = tempfile.tempdir = args.tmpdir
