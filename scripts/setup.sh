@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare this machine for symfo_failover: system packages, the ja_JP.UTF-8 locale,
 # and a virtual environment with the package and its test tools. Idempotent; sourced
-# or run by scripts/test.sh and scripts/main.sh.
+# or run by scripts/test.sh and scripts/main.sh. SYMFO_SETUP_TESTS=1 (set by
+# scripts/test.sh) adds what only the tests need: Chromium.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -22,6 +23,12 @@ have_ja_locale() { locale -a 2>/dev/null | grep -qiE '^ja_JP\.utf-?8$'; }
 have_venv() { "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; }
 # The kernel partition tests need iptables, and root to use it.
 need_iptables() { [ "$(id -u)" -eq 0 ] && ! command -v iptables >/dev/null 2>&1; }
+# The HTML report's test (tests/test_html_browser.py) renders it in headless Chromium
+# (or in the browser SYMFO_CHROMIUM names).
+have_chromium() {
+  [ -n "${SYMFO_CHROMIUM:-}" ] && [ -x "$SYMFO_CHROMIUM" ] && return 0
+  command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1
+}
 
 # --- Python itself
 command -v "$PYTHON" >/dev/null 2>&1 || die "no $PYTHON found: install Python 3.10 or newer (Debian: apt-get install python3 python3-venv)"
@@ -35,12 +42,14 @@ have_psqlodbc || packages+=(unixodbc odbc-postgresql)
 have_ja_locale || packages+=(locales)
 have_venv || packages+=(python3-venv)
 need_iptables && packages+=(iptables)
+[ "${SYMFO_SETUP_TESTS:-0}" = "1" ] && ! have_chromium && packages+=(chromium)
 
 if [ ${#packages[@]} -gt 0 ]; then
   if ! command -v apt-get >/dev/null 2>&1; then
     die "missing system packages and this is not Debian/Ubuntu. Install the equivalents of: ${packages[*]}
        (a PostgreSQL server, unixODBC with the psqlODBC driver registered as 'PostgreSQL Unicode',
-       the ja_JP.UTF-8 locale), or point SYMFO_PG_BINDIR at PostgreSQL's bin directory, then run again."
+       the ja_JP.UTF-8 locale, Chromium for the HTML report's test), or point SYMFO_PG_BINDIR
+       at PostgreSQL's bin directory, then run again."
   fi
   SUDO=()
   if [ "$(id -u)" -ne 0 ]; then

@@ -5,7 +5,7 @@
 #   SYMFO_SOAK=1        add the long soaks
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bash "$ROOT/scripts/setup.sh"
+SYMFO_SETUP_TESTS=1 bash "$ROOT/scripts/setup.sh"
 VENV=${SYMFO_VENV:-$ROOT/.venv}
 cd "$ROOT"
 

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
-from ._classify import _SQLSTATE, classify
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ._report import Report
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
+    from ._classify import _SQLSTATE, classify
+
     if args.table:
         from ._table_doc import render_table
 
@@ -76,6 +87,178 @@ def _cmd_conformance(args: argparse.Namespace) -> int:
     return 0 if all(o.ok for o in observations) else 1
 
 
+# --- drill, probe, check: one report, three views ----------------------------------------
+
+
+def _consoles() -> tuple[Console, Console]:
+    """The report's console (stdout) and the progress console (stderr)."""
+    from rich.console import Console
+
+    out = Console()
+    if not out.is_terminal and "COLUMNS" not in os.environ:
+        out = Console(width=132)  # piped: rich would wrap at 80
+    return out, Console(stderr=True)
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"symfo-failover {command}: {message}", file=sys.stderr)
+    return 2
+
+
+def _interrupted(command: str, message: str = "interrupted by Ctrl-C") -> int:
+    """After the first Ctrl-C the command only finishes: a second one (or one delivered
+    late) must not turn into a traceback on the way out."""
+    _ignore_interrupts()
+    return _fail(command, message)
+
+
+def _ignore_interrupts() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _emit(report: Report, args: argparse.Namespace, out: Console) -> int:
+    """Print (and write) the report as asked; the exit status."""
+    from ._views import render_html, render_json, render_text
+
+    if args.html:
+        path = Path(args.html)
+        try:
+            path.write_text(render_html(report), encoding="utf-8")
+        except OSError as exc:
+            _fail(report.command, f"cannot write {path}: {exc.strerror or exc}")
+            return 2
+    if args.json:
+        print(render_json(report))
+    else:
+        render_text(report, out, verbose=args.verbose)
+        if args.html:
+            out.print(f"HTML report: {args.html}")
+    if report.interrupted:
+        _ignore_interrupts()
+        return 2
+    return 0 if report.ok else 1
+
+
+@contextmanager
+def _progress(err: Console, enabled: bool) -> Iterator[Callable[[str], None]]:
+    """A live status line on a terminal; one line per step when stderr is piped."""
+    if not enabled:
+        yield lambda _text: None
+        return
+    if not err.is_terminal:
+        yield lambda text: print(text, file=sys.stderr, flush=True)
+        return
+    with err.status("starting") as status:
+        yield lambda text: status.update(text)
+
+
+def _check_html_path(args: argparse.Namespace) -> str | None:
+    if not args.html:
+        return None
+    parent = Path(args.html).resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        return f"cannot write the HTML report to {args.html}: {parent} is not a writable folder"
+    return None
+
+
+def _reporting(command: str, args: argparse.Namespace,
+               build: Callable[[Callable[[str], None], Console], Report]) -> int:
+    """What drill, probe and check share: the checks before anything runs, the live
+    progress, bad input and Ctrl-C as exit status 2, the views of the report."""
+    from ._report import InputError
+
+    out, err = _consoles()
+    problem = _check_html_path(args)
+    if problem:
+        return _fail(command, problem)
+    try:
+        with _progress(err, not args.no_progress) as step:
+            report = build(step, err)
+    except InputError as exc:
+        return _fail(command, str(exc))
+    except KeyboardInterrupt:
+        return _interrupted(command, _INTERRUPTED.get(command, "interrupted by Ctrl-C"))
+    return _emit(report, args, out)
+
+
+_INTERRUPTED = {
+    "drill": "interrupted by Ctrl-C before the first scenario finished",
+    "probe": "interrupted by Ctrl-C; nothing was left behind",
+}
+
+
+def _cmd_drill(args: argparse.Namespace) -> int:
+    from . import _drill as drill
+
+    def build(step: Callable[[str], None], _err: Console) -> Report:
+        names = [n.strip() for n in args.scenarios.split(",") if n.strip()] \
+            if args.scenarios else None
+        chosen = drill.select_scenarios(names, quick=args.quick)
+        return drill.Drill(chosen, rounds=args.rounds, on_step=step).run()
+
+    return _reporting("drill", args, build)
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from ._probe_command import ProbeOptions, Status, probe
+
+    options = ProbeOptions(
+        args.conninfo, driver=args.driver, access="pool" if args.pool else "connection",
+        duration=args.duration, interval=args.interval, read_only=args.read_only,
+        concurrency=args.concurrency, rto=args.rto, until_failovers=args.until_failovers)
+
+    def build(step: Callable[[str], None], err: Console) -> Report:
+        last: list[str] = []
+
+        def on_status(status: Status) -> None:
+            def state(up: bool | None) -> str:
+                return "-" if up is None else ("up" if up else "DOWN")
+
+            brief = (f"writes {state(status.writes_up)} · reads {state(status.reads_up)} · "
+                     f"outages {status.outages_ended} ended, {status.outages_open} open")
+            # On a terminal the status line is redrawn; piped, a line per change.
+            if err.is_terminal or not last or last[-1] != brief:
+                last.append(brief)
+                step(f"probe {status.elapsed:6.1f} s · {status.requests} requests "
+                     f"({status.failed} failed) · {brief} · Ctrl-C stops")
+
+        return probe(options, on_status=on_status)
+
+    return _reporting("probe", args, build)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from ._check import run_check
+
+    return _reporting("check", args, lambda _step, _err: run_check(args.conninfo))
+
+
+def _positive(kind: type[float] | type[int]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+        return value
+
+    return parse
+
+
+def _report_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true",
+                   help="print the report as JSON (schemas/report.schema.json)")
+    p.add_argument("--html", metavar="FILE",
+                   help="also write the report as one self-contained HTML file")
+    p.add_argument("-v", "--verbose", action="store_true", help="every run in detail")
+    p.add_argument("--no-progress", action="store_true", help="no live progress on stderr")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="symfo-failover",
@@ -101,12 +284,74 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server message language, e.g. ja_JP.UTF-8")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_conformance)
+
+    p = sub.add_parser(
+        "drill",
+        help="fail a local two-node cluster in every scenario of the guide, "
+             "with every client, and check that no acknowledged write was lost or doubled",
+    )
+    p.add_argument("--scenarios", metavar="NAME,...",
+                   help="only these (switchover, node_down, server_crash, stop_both, "
+                        "while_switching, while_starting, lost_commit, commit_held, "
+                        "partition)")
+    p.add_argument("--rounds", type=_positive(int), default=1, metavar="N",
+                   help="run every scenario N times (default 1)")
+    p.add_argument("--quick", action="store_true",
+                   help="three scenarios: switchover, node_down, lost_commit")
+    _report_options(p)
+    p.set_defaults(func=_cmd_drill)
+
+    p = sub.add_parser(
+        "probe",
+        help="run a canary against a real cluster while an operator fails it over",
+    )
+    p.add_argument("conninfo", metavar="CONNINFO",
+                   help="libpq connection string or URI (a password is better in "
+                        "PGPASSWORD or ~/.pgpass than on the command line)")
+    p.add_argument("--driver", choices=["psycopg", "pyodbc"], default="psycopg")
+    p.add_argument("--pool", action="store_true",
+                   help="through a FailoverPool (OdbcFailoverPool for pyodbc) instead of "
+                        "a ResilientConnection")
+    p.add_argument("--duration", type=_positive(float), metavar="SECONDS",
+                   help="stop after this long (default 600)")
+    p.add_argument("--interval", type=float, default=0.1, metavar="SECONDS",
+                   help="pause between a worker's requests (default 0.1)")
+    p.add_argument("--read-only", action="store_true",
+                   help="only read (no canary table): for a standby or a read-only role")
+    p.add_argument("--concurrency", type=_positive(int), default=1, metavar="N",
+                   help="workers (default 1)")
+    p.add_argument("--rto", type=_positive(float), metavar="SECONDS",
+                   help="judge every outage against this recovery time objective")
+    p.add_argument("--until-failovers", type=_positive(int), metavar="N",
+                   help="stop once N outages have ended (and 2 s after)")
+    _report_options(p)
+    p.set_defaults(func=_cmd_probe)
+
+    p = sub.add_parser(
+        "check",
+        help="check a server's settings against the guide and what exactly-once needs",
+    )
+    p.add_argument("conninfo", metavar="CONNINFO", help="libpq connection string or URI")
+    _report_options(p)
+    p.set_defaults(func=_cmd_check)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    """The command. Exit status: 0 all held, 1 something failed, 2 it could not run (bad
+    input, an unreachable server, Ctrl-C): then a message on stderr, never a traceback."""
+    try:
+        args = build_parser().parse_args(argv)
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        _ignore_interrupts()
+        print("symfo-failover: interrupted by Ctrl-C", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # `symfo-failover ... | head`: the reader went away; say nothing more.
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        return 2
     return code
 
 
