@@ -118,6 +118,22 @@ def _ignore_interrupts() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _forget_unhandled_interrupt()
+
+
+def _forget_unhandled_interrupt() -> None:
+    """CPython 3.11 and older mark a KeyboardInterrupt raised inside ``exec()`` of a
+    string (the dataclasses module does that while a module is imported) as unhandled,
+    even when it is caught later, and then end the process by SIGINT instead of with its
+    exit status. The Ctrl-C was handled: clear the mark (best effort)."""
+    if sys.version_info >= (3, 12) or sys.implementation.name != "cpython":
+        return
+    try:
+        import ctypes
+
+        ctypes.c_int.in_dll(ctypes.pythonapi, "_Py_UnhandledKeyboardInterrupt").value = 0
+    except (ImportError, AttributeError, ValueError, OSError):
+        pass
 
 
 def _emit(report: Report, args: argparse.Namespace, out: Console) -> int:
@@ -346,6 +362,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _ignore_interrupts()
         print("symfo-failover: interrupted by Ctrl-C", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        # A driver (an extra) that is not installed: psycopg, psycopg_pool, pyodbc.
+        print(f"symfo-failover: {exc.name or exc} is not installed; "
+              "pip install 'symfo-failover[all]' (or the extra for your driver: psycopg, "
+              "pool, odbc)", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # `symfo-failover ... | head`: the reader went away; say nothing more.

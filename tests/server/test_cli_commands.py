@@ -248,3 +248,40 @@ def test_html_to_an_unwritable_place_is_refused_before_anything_runs(
     result = run("check", server.conninfo(), "--html", "/nonexistent/dir/report.html")
     assert result.returncode == 2
     assert "cannot write the HTML report" in result.stderr
+
+
+def _cluster_postmasters() -> set[int]:
+    """Postmasters of harness clusters (their data directory is ``.../cluster-*/data``)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmdline and cmdline[0].endswith(b"postgres") and any(
+                b"/cluster-" in arg for arg in cmdline):
+            pids.add(int(entry.name))
+    return pids
+
+
+def test_ctrl_c_stops_the_drill_and_its_cluster() -> None:
+    before = _cluster_postmasters()
+    proc = subprocess.Popen(command("drill", "--no-progress"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4.0)  # in the first scenarios
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 2, out + err
+    no_traceback((out, err))
+    assert "interrupted" in out + err
+    deadline = time.monotonic() + 10
+    while _cluster_postmasters() - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _cluster_postmasters() - before == set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
 
@@ -103,3 +104,65 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert info.value.code == 0
     assert __version__ in capsys.readouterr().out
+
+
+def test_a_missing_driver_is_a_message_not_a_traceback() -> None:
+    """`pip install symfo-failover` without the psycopg extra, then `check`."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['psycopg'] = None; "
+            "from symfo_failover._cli import main; sys.exit(main(['check', 'host=x']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 2
+    assert "psycopg is not installed" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["drill", "--rounds", "0"],
+    ["drill", "--rounds", "many"],
+    ["probe"],
+    ["probe", "host=x", "--driver", "jdbc"],
+    ["check"],
+])
+def test_bad_arguments_are_usage_errors(argv: list[str],
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_ctrl_c_raised_inside_exec_still_exits_2(tmp_path: pathlib.Path) -> None:
+    """CPython 3.11 marks a KeyboardInterrupt raised inside exec() of a string (as the
+    dataclasses module does while a module is imported) as unhandled even when it was
+    caught, and a program run with ``python -m`` then ends by SIGINT: the command
+    clears the mark."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "interrupted_check.py").write_text(
+        "import os, sys\n"
+        "from symfo_failover import _cli\n"
+        "if os.environ.get('LEAVE_THE_MARK'):\n"
+        "    _cli._forget_unhandled_interrupt = lambda: None\n"
+        "_cli._cmd_check = lambda args: exec('raise KeyboardInterrupt')\n"
+        "sys.exit(_cli.main(['check', 'host=x']))\n", encoding="utf-8")
+
+    def run(**env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "interrupted_check"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60, check=False,
+                              env={**os.environ, **env})
+
+    result = run()
+    assert result.returncode == 2, result
+    assert "interrupted by Ctrl-C" in result.stderr
+    assert "Traceback" not in result.stderr
+    # Without clearing the mark this interpreter would have ended by SIGINT (where it
+    # has the behaviour at all): the test above can fail.
+    bare = run(LEAVE_THE_MARK="1")
+    if sys.version_info < (3, 12):
+        assert bare.returncode == -2, bare
