@@ -235,12 +235,13 @@ def _cmd_probe(args: argparse.Namespace) -> int:
                 return "-" if up is None else ("up" if up else "DOWN")
 
             brief = (f"writes {state(status.writes_up)} · reads {state(status.reads_up)} · "
-                     f"outages {status.outages_ended} ended, {status.outages_open} open")
+                     f"outages {status.outages_ended}"
+                     + (f" (+{status.outages_open} open)" if status.outages_open else ""))
             # On a terminal the status line is redrawn; piped, a line per change.
             if err.is_terminal or not last or last[-1] != brief:
                 last.append(brief)
-                step(f"probe {status.elapsed:6.1f} s · {status.requests} requests "
-                     f"({status.failed} failed) · {brief} · Ctrl-C stops")
+                step(f"probe {status.elapsed:5.1f} s · {status.requests} requests, "
+                     f"{status.failed} failed · {brief} · Ctrl-C stops")
 
         return probe(options, on_status=on_status)
 
@@ -324,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("conninfo", metavar="CONNINFO",
                    help="libpq connection string or URI (a password is better in "
                         "PGPASSWORD or ~/.pgpass than on the command line)")
-    p.add_argument("--driver", choices=["psycopg", "pyodbc"], default="psycopg")
+    p.add_argument("--driver", choices=["psycopg", "pyodbc"], default="psycopg",
+                   help="psycopg (libpq), or pyodbc through psqlODBC (default psycopg)")
     p.add_argument("--pool", action="store_true",
                    help="through a FailoverPool (OdbcFailoverPool for pyodbc) instead of "
                         "a ResilientConnection")
@@ -335,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-only", action="store_true",
                    help="only read (no canary table): for a standby or a read-only role")
     p.add_argument("--concurrency", type=_positive(int), default=1, metavar="N",
-                   help="workers (default 1)")
+                   help="writers, and as many readers (default 1)")
     p.add_argument("--rto", type=_positive(float), metavar="SECONDS",
                    help="judge every outage against this recovery time objective")
     p.add_argument("--until-failovers", type=_positive(int), metavar="N",

@@ -279,3 +279,43 @@ def test_every_troubled_request_lies_in_a_window(outcomes: list[str]) -> None:
         assert a.end <= b.start + 1e-9
     for w in windows:
         assert w.start <= w.first_error_at + 1e-9
+
+
+def test_odbc_string_carries_the_libpq_settings_and_refuses_several_hosts() -> None:
+    from symfo_failover._canary import odbc_string, parse_conninfo
+
+    params = parse_conninfo("host=127.0.0.1 port=5433 dbname=app user=me password=p}w "
+                            "keepalives_idle=1 tcp_user_timeout=2000")
+    text = odbc_string(params)
+    assert "Server=127.0.0.1;" in text
+    assert "Port=5433;" in text
+    assert "Pwd={p}}w};" in text  # braced, a } doubled
+    assert "KeepaliveTime=1;" in text
+    assert "pqopt={tcp_user_timeout=2000};" in text
+    with pytest.raises(InputError, match="one host"):
+        odbc_string(parse_conninfo("host=a,b dbname=app"))
+
+
+def test_a_description_never_has_the_password() -> None:
+    from symfo_failover._canary import describe, parse_conninfo
+
+    text = describe(parse_conninfo("host=db port=5432 user=me password=hunter2 dbname=x"))
+    assert text == "me@db:5432/x"
+    assert "hunter2" not in text
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "host=a port", "nonsense"])
+def test_a_bad_connection_string_is_an_input_error(bad: str) -> None:
+    from symfo_failover._canary import parse_conninfo
+
+    with pytest.raises(InputError):
+        parse_conninfo(bad)
+
+
+def test_unanswered_turns_failed_identity_reads_into_outages() -> None:
+    from symfo_failover._canary import unanswered
+
+    samples = [(0.0, ident()), (1.0, None), (2.0, None), (3.0, ident("s2")), (4.0, None)]
+    first, last = unanswered(samples, 0.0, every=1.0)
+    assert (first.down_at, first.accepting_at) == (0.0, 3.0)
+    assert (last.down_at, last.accepting_at) == (3.0, None)
