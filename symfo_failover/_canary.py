@@ -543,26 +543,40 @@ class Canary:
             return sum(1 for r in self.requests
                        if r.kind == kind and r.ok and r.started >= since)
 
-    def snapshot(self) -> list[Request]:
+    def snapshot(self) -> tuple[list[Request], list[tuple[float, ev.Event]]]:
+        """The requests so far, and the events no request owned."""
         with self._lock:
-            return list(self.requests)
+            return list(self.requests), list(self.loose_events)
+
+    def abort(self) -> None:
+        """End the workers' retry waits now, without waiting for them (see `stop`)."""
+        self._stop.set()
+        self._abort.set()
 
     def stop(self, *, abort: bool = False, timeout: float = 90.0) -> None:
-        """Stop the workers after their current request (``abort``: end retry waits too)."""
+        """Stop the workers after their current request, waiting up to ``timeout``;
+        then (or at once with ``abort``) end their retry waits and close a pool under
+        them, so that a request waiting for a connection ends too. Requests still under
+        way after that are left to their (daemon) threads: they are not acknowledged."""
         self._stop.set()
         if abort:
             self._abort.set()
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        self._join(min(timeout, 1.0) if abort else timeout)
         if any(t.is_alive() for t in self._threads):
             self._abort.set()
-            for thread in self._threads:
-                thread.join(5)
+            if self._client is not None:
+                with contextlib.suppress(Exception):
+                    self._client.close()
+            self._join(5.0)
         self.t_end = self._clock()
         for client in self._clients or ([self._client] if self._client is not None else []):
             with contextlib.suppress(Exception):
                 client.close()
+
+    def _join(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     # --- after the workload ---
 
@@ -729,6 +743,15 @@ def find_windows(requests: Sequence[Request], kind: RequestKind, *,
     return windows
 
 
+def all_windows(requests: Sequence[Request],
+                loose_events: Sequence[tuple[float, ev.Event]] = ()) -> list[Window]:
+    """The write and read windows; a request in flight when a pool announced a failover
+    met it, even when the pool replaced its connection before anything failed (pure)."""
+    announced = [t for t, e in loose_events if isinstance(e, ev.PoolFailover)]
+    return (find_windows(requests, "write", overlaps=announced)
+            + find_windows(requests, "read", overlaps=announced))
+
+
 def merge_incidents(windows: Sequence[Window], *, gap: float = INCIDENT_GAP
                     ) -> list[list[Window]]:
     """Windows (of both kinds) that overlap or nearly touch: one incident each (pure)."""
@@ -813,9 +836,7 @@ def analyse(records: Records, *, name: str, driver: str, access: str,
     """The report's `Run` for what a canary recorded (pure)."""
     t0 = records.t0
     reqs = records.requests
-    announced = [t for t, e in records.loose_events if isinstance(e, ev.PoolFailover)]
-    raw_windows = (find_windows(reqs, "write", overlaps=announced)
-                   + find_windows(reqs, "read", overlaps=announced))
+    raw_windows = all_windows(reqs, records.loose_events)
 
     def shift(w: Window) -> Window:
         return Window(kind=w.kind, start=_rel(w.start, t0),

@@ -185,7 +185,7 @@ def _reporting(command: str, args: argparse.Namespace,
                build: Callable[[Callable[[str], None], Console], Report]) -> int:
     """What drill, probe and check share: the checks before anything runs, the live
     progress, bad input and Ctrl-C as exit status 2, the views of the report."""
-    from ._report import InputError
+    from ._report import InputError, from_ctrl_c
 
     out, err = _consoles()
     problem = _check_html_path(args)
@@ -196,7 +196,9 @@ def _reporting(command: str, args: argparse.Namespace,
             report = build(step, err)
     except InputError as exc:
         return _fail(command, str(exc))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemError) as exc:
+        if not from_ctrl_c(exc):
+            raise
         return _interrupted(command, _INTERRUPTED.get(command, "interrupted by Ctrl-C"))
     return _emit(report, args, out)
 
@@ -361,7 +363,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         code: int = args.func(args)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemError) as exc:
+        from ._report import from_ctrl_c
+
+        if not from_ctrl_c(exc):
+            raise
         _ignore_interrupts()
         print("symfo-failover: interrupted by Ctrl-C", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ from ._report import (
     Run,
     ServerIdentity,
     ServerOutage,
+    from_ctrl_c,
     now_iso,
 )
 
@@ -172,7 +173,9 @@ class Drill:
                 for number in range(1, self.rounds + 1):
                     for scenario in todo:
                         self._scenario(scenario, number)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemError) as exc:
+            if not from_ctrl_c(exc):
+                raise
             interrupted = True
             self.notes.append("interrupted by Ctrl-C: the report covers the scenarios "
                               "that finished")
@@ -233,14 +236,18 @@ class Drill:
                     f"{commits} resolved", expected="at least 1",
                     why="the proxy withheld COMMIT replies; each must be resolved with the "
                         "server (pg_xact_status) before the unit runs again", guide="3.4.1"))
-        finally:
-            for canary in started:
-                canary.stop(abort=True, timeout=5)
             self.proxy.release_held()
             for canary in canaries:
                 problem = canary.teardown()
                 if problem:
                     self.notes.append(problem)
+        finally:
+            # Interrupted (Ctrl-C, a scenario that failed): the clients are stopped at once;
+            # their tables go with the throwaway cluster.
+            for canary in started:
+                canary.abort()
+            for canary in started:
+                canary.stop(abort=True, timeout=1)
 
     def _wait(self, ready: Callable[[], bool], timeout: float, failure: str | None) -> bool:
         deadline = time.monotonic() + timeout

@@ -21,16 +21,16 @@ from ._canary import (
     CanaryOptions,
     IdentityMonitor,
     Request,
+    all_windows,
     analyse,
     client_settings,
     connect_problem,
     describe,
-    find_windows,
     merge_incidents,
     unanswered,
 )
 from ._drill import GUIDE_CODES
-from ._report import Finding, InputError, Report, now_iso
+from ._report import Finding, InputError, Report, from_ctrl_c, now_iso
 
 #: After the last awaited outage ended, measure this long before stopping (s).
 SETTLE = 2.0
@@ -108,8 +108,10 @@ def probe(options: ProbeOptions, *, stop: threading.Event | None = None,
                 raise
             except Exception as exc:
                 raise InputError(connect_problem(exc, canary.params)) from None
-            _watch(canary, options, stop, on_status)
-        except KeyboardInterrupt:
+            notes.append(_watch(canary, options, stop, on_status))
+        except (KeyboardInterrupt, SystemError) as exc:
+            if not from_ctrl_c(exc):
+                raise
             interrupted = True
             notes.append("interrupted by Ctrl-C: the report covers what was seen until then")
         with _no_interrupts():
@@ -154,16 +156,16 @@ def probe(options: ProbeOptions, *, stop: threading.Event | None = None,
 
 
 def _watch(canary: Canary, options: ProbeOptions, stop: threading.Event | None,
-           on_status: Callable[[Status], None] | None) -> None:
-    """Wait until the probe is done, reporting the status on the way."""
+           on_status: Callable[[Status], None] | None) -> str:
+    """Wait until the probe is done, reporting the status on the way; why it stopped."""
     duration = options.duration
     if duration is None:
         duration = DEFAULT_DURATION
     deadline = time.monotonic() + duration
     while True:
         now = time.monotonic()
-        requests = canary.snapshot()
-        windows = (find_windows(requests, "write") + find_windows(requests, "read"))
+        requests, loose = canary.snapshot()
+        windows = all_windows(requests, loose)
         groups = merge_incidents(windows)
         ended = [g for g in groups if all(w.end is not None for w in g)]
         last_end = max((w.end for g in ended for w in g if w.end is not None), default=None)
@@ -173,12 +175,15 @@ def _watch(canary: Canary, options: ProbeOptions, stop: threading.Event | None,
                 failed=sum(1 for r in requests if not r.ok),
                 writes_up=_up(requests, "write"), reads_up=_up(requests, "read"),
                 outages_ended=len(ended), outages_open=len(groups) - len(ended)))
-        if now >= deadline or (stop is not None and stop.is_set()):
-            return
+        if now >= deadline:
+            return f"stopped at the end of the duration ({duration:g} s)"
+        if stop is not None and stop.is_set():
+            return "stopped when asked"
         if (options.until_failovers is not None and len(ended) >= options.until_failovers
                 and len(ended) == len(groups) and last_end is not None
                 and now - last_end >= SETTLE):
-            return
+            return (f"stopped after {len(ended)} outage(s) had ended "
+                    f"(--until-failovers {options.until_failovers})")
         time.sleep(0.2)
 
 

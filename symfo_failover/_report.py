@@ -278,3 +278,17 @@ class InputError(Exception):
     The message is for people: one or two sentences that say what to do. Never a
     connection string with a password in it.
     """
+
+
+def from_ctrl_c(exc: BaseException) -> bool:
+    """A KeyboardInterrupt, or an error a C extension made of one (pyodbc's ``connect``
+    raises ``SystemError: ... returned a result with an exception set`` when Ctrl-C
+    lands inside it)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False

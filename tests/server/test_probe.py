@@ -80,6 +80,8 @@ def run_probe(cluster: LocalCluster, act: Callable[[LocalCluster], Transition],
     thread.join(90)
     assert not thread.is_alive(), "the probe did not stop after the failover"
     assert not errors, errors
+    # It stopped because the failover was seen and over, not at the end of its duration.
+    assert "stopped after 1 outage(s) had ended (--until-failovers 1)" in result[0].notes
     return result[0], transition, statuses[0].t0
 
 

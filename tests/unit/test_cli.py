@@ -146,7 +146,7 @@ def test_ctrl_c_raised_inside_exec_still_exits_2(tmp_path: pathlib.Path) -> None
 
     (tmp_path / "interrupted_check.py").write_text(
         "import os, sys\n"
-        "from symfo_failover import _cli\n"
+        "from symfo_failover import _cli, _report\n"  # loaded: no exec() after the Ctrl-C
         "if os.environ.get('LEAVE_THE_MARK'):\n"
         "    _cli._forget_unhandled_interrupt = lambda: None\n"
         "_cli._cmd_check = lambda args: exec('raise KeyboardInterrupt')\n"
@@ -166,3 +166,20 @@ def test_ctrl_c_raised_inside_exec_still_exits_2(tmp_path: pathlib.Path) -> None
     bare = run(LEAVE_THE_MARK="1")
     if sys.version_info < (3, 12):
         assert bare.returncode == -2, bare
+
+
+def test_an_error_a_c_extension_made_of_ctrl_c_counts_as_ctrl_c() -> None:
+    from symfo_failover._report import from_ctrl_c
+
+    def connect() -> None:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as inner:
+            raise SystemError("<built-in function connect> returned a result with an "
+                              "exception set") from inner
+
+    with pytest.raises(SystemError) as caught:
+        connect()
+    assert from_ctrl_c(caught.value)
+    assert not from_ctrl_c(SystemError("something else"))
+    assert from_ctrl_c(KeyboardInterrupt())
