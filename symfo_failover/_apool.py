@@ -255,17 +255,7 @@ class AsyncFailoverPool(FailoverBookkeeping, AsyncConnectionPool[ACT]):
         return conn
 
     async def _discard(self, conn: ACT) -> None:
-        guard_off(conn)
-        self._check_pool_putconn(conn)
-        if conn.closed:
-            self._count_met_dead()
-        if self._closed:
-            finish(conn)
-            return
-        # Replaced straight away, not given back: psycopg_pool would warn about a closed
-        # connection coming back ("discarding closed connection"), for a loss already
-        # handled here.
-        self._replace(conn, "returned broken")
+        self._give_up(conn)
 
     async def _give_back(self, conn: ACT) -> None:
         guard_off(conn)

@@ -288,18 +288,8 @@ class FailoverPool(FailoverBookkeeping, ConnectionPool[CT]):
         return conn
 
     def _discard(self, conn: CT) -> None:
-        """The core gives a session up: closed, and given back to be replaced."""
-        guard_off(conn)
-        self._check_pool_putconn(conn)
-        if conn.closed:
-            self._count_met_dead()
-        if self._closed:
-            finish(conn)
-            return
-        # Replaced straight away, not given back: psycopg_pool would warn about a closed
-        # connection coming back ("discarding closed connection"), for a loss already
-        # handled here.
-        self._replace(conn, "returned broken")
+        """The core gives a session up: replaced (`FailoverBookkeeping._give_up`)."""
+        self._give_up(conn)
 
     def _give_back(self, conn: CT) -> None:
         guard_off(conn)

@@ -19,7 +19,7 @@ from psycopg.conninfo import conninfo_to_dict
 from . import _events as ev
 from ._classify import classify, driver_text
 from ._core import Core
-from ._driver_psycopg import _DETECTION, PsycopgDriver, unit_state, watch_goodbye
+from ._driver_psycopg import _DETECTION, PsycopgDriver, guard_off, unit_state, watch_goodbye
 from ._policy import DEFAULT_POLICY, RetryPolicy
 from ._pool_state import (
     UNIT_STATE,
@@ -185,6 +185,20 @@ class FailoverBookkeeping:
         ev.emit(ev.PoolConnectionReplaced(target=self._target.description, elapsed=0.0,
                                           pool=self.name, reason=reason), self._on_event)
         self.run_task(self._add_task(self))
+
+    def _give_up(self, conn: Any) -> None:
+        """The core gives a session up (both pools' ``_discard``): counted, and replaced
+        straight away rather than given back, since psycopg_pool would warn about a
+        closed connection coming back ("discarding closed connection") for a loss
+        already handled here."""
+        guard_off(conn)
+        self._check_pool_putconn(conn)  # type: ignore[attr-defined]
+        if conn.closed:
+            self._count_met_dead()
+        if self._closed:  # type: ignore[attr-defined]
+            finish(conn)
+            return
+        self._replace(conn, "returned broken")
 
     def _count_met_dead(self) -> None:
         with self._glock:
