@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import re
 import secrets
 import threading
 import time
@@ -54,7 +53,6 @@ STALL_FACTOR = 10.0
 STALL_FLOOR = 0.5
 #: The canary tables' names: ``symfo_canary_<hex>``.
 TABLE_PREFIX = "symfo_canary_"
-_TABLE = re.compile(r"symfo_canary_[0-9a-f]{8,32}")
 
 _IDENTITY_SQL = (
     "SELECT host(inet_server_addr()), inet_server_port(), pg_postmaster_start_time()::text,"

@@ -40,6 +40,22 @@ def validate(data: object) -> None:
     jsonschema.Draft202012Validator(schema).validate(data)
 
 
+def interrupt(args: list[str], *, after: float, timeout: float) -> tuple[int, str, str]:
+    """Run the command, send it a Ctrl-C after ``after`` seconds; its exit status and
+    output (the process is killed should it not end within ``timeout``)."""
+    proc = subprocess.Popen(command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        time.sleep(after)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, out, err
+
+
 def no_traceback(result: subprocess.CompletedProcess[str] | tuple[str, str]) -> None:
     out, err = (result.stdout, result.stderr) if not isinstance(result, tuple) else result
     assert "Traceback" not in out + err, out + err
@@ -170,17 +186,9 @@ def test_probe_bad_numbers_are_usage_errors(server: LocalServer) -> None:
 @pytest.mark.parametrize("after", [0.3, 0.8, 2.5])
 def test_ctrl_c_stops_the_probe_cleanly(server: LocalServer, after: float) -> None:
     """At any moment: during start-up, while setting up, and while probing."""
-    proc = subprocess.Popen(command("probe", server.conninfo(), "--no-progress"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        time.sleep(after)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 2, out + err
+    code, out, err = interrupt(["probe", server.conninfo(), "--no-progress"], after=after,
+                               timeout=60)
+    assert code == 2, out + err
     no_traceback((out, err))
     assert "Ctrl-C" in out + err
     assert canary_tables(server.conninfo()) == []
@@ -268,17 +276,9 @@ def _cluster_postmasters() -> set[int]:
 
 def test_ctrl_c_stops_the_drill_and_its_cluster() -> None:
     before = _cluster_postmasters()
-    proc = subprocess.Popen(command("drill", "--no-progress"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        time.sleep(4.0)  # in the first scenarios
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 2, out + err
+    # After 4 s: in the first scenarios.
+    code, out, err = interrupt(["drill", "--no-progress"], after=4.0, timeout=90)
+    assert code == 2, out + err
     no_traceback((out, err))
     assert "interrupted" in out + err
     deadline = time.monotonic() + 10
