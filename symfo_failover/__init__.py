@@ -14,6 +14,7 @@ if _TYPE_CHECKING:
     from ._errors import (
         CommitOutcomeUnknown,
         FailoverError,
+        LedgerUnavailable,
         RetriesExhausted,
         UnitContractError,
     )
@@ -22,6 +23,8 @@ if _TYPE_CHECKING:
         Event,
         FailureDetected,
         GaveUp,
+        LedgerNotUsed,
+        LedgerPruned,
         PoolConnectionReplaced,
         PoolFailover,
         PoolRefilled,
@@ -31,6 +34,13 @@ if _TYPE_CHECKING:
         UnitReplayed,
     )
     from ._kind import Failure, Kind
+    from ._ledger_admin import (
+        LedgerInstall,
+        LedgerStatus,
+        install_ledger,
+        ledger_status,
+        prune_ledger,
+    )
     from ._odbc_pool import OdbcFailoverPool
     from ._policy import RetryPolicy
     from ._pool import FailoverPool
@@ -51,10 +61,14 @@ _LAZY = {
     "connect": "._connection",
     "CommitOutcomeUnknown": "._errors",
     "FailoverError": "._errors",
+    "LedgerUnavailable": "._errors",
+    **{name: "._ledger_admin" for name in (
+        "LedgerInstall", "LedgerStatus", "install_ledger", "ledger_status", "prune_ledger")},
     "RetriesExhausted": "._errors",
     "UnitContractError": "._errors",
     **{name: "._events" for name in (
-        "CommitResolved", "Event", "FailureDetected", "GaveUp", "PoolConnectionReplaced",
+        "CommitResolved", "Event", "FailureDetected", "GaveUp", "LedgerNotUsed",
+        "LedgerPruned", "PoolConnectionReplaced",
         "PoolFailover", "PoolRefilled", "ReconnectAttempt", "Reconnected",
         "UnitInterrupted", "UnitReplayed")},
     "Failure": "._kind",
@@ -105,6 +119,11 @@ __all__ = [
     "FailureDetected",
     "GaveUp",
     "Kind",
+    "LedgerInstall",
+    "LedgerNotUsed",
+    "LedgerPruned",
+    "LedgerStatus",
+    "LedgerUnavailable",
     "OdbcFailoverPool",
     "PoolConnectionReplaced",
     "PoolFailover",
@@ -122,5 +141,8 @@ __all__ = [
     "classify",
     "connect",
     "connect_async",
+    "install_ledger",
+    "ledger_status",
+    "prune_ledger",
     "sqlstate_of",
 ]

@@ -33,6 +33,7 @@ from ._contract import refuse_sync_function, require_awaitable
 from ._core import Core, Flow, Job
 from ._decide import Phase, Situation, Step, next_step
 from ._errors import UnitContractError
+from ._ledger import LedgerMode
 from ._policy import RetryPolicy
 from ._probe import probe
 from ._target import AsyncDriver, Target, normalise_isolation
@@ -258,6 +259,8 @@ class AsyncResilientConnection(ConnectionFacts[C]):
             _core.OP_AUTOCOMMIT: driver.set_autocommit,
             _core.OP_SLEEP: self._sleep,
             _core.OP_PROBE: self._probe,
+            _core.OP_CLAIM: driver.claim,
+            _core.OP_PRUNE: driver.prune,
         }
         return [table[i] for i in range(_core.N_OPS)]
 
@@ -364,6 +367,7 @@ async def connect_async(
     policy: RetryPolicy | None = None,
     configure: Callable[[psycopg.AsyncConnection[TupleRow]], object] | None = None,
     on_event: ev.EventHook | None = None,
+    ledger: LedgerMode = "auto",
     **kwargs: Any,
 ) -> AsyncResilientConnection[psycopg.AsyncConnection[TupleRow]]:
     """Open an `AsyncResilientConnection` (psycopg only: pyodbc has no async API).
@@ -371,7 +375,8 @@ async def connect_async(
     As `connect`: ``conninfo`` is a libpq connection string, ``kwargs`` go to
     ``psycopg.AsyncConnection.connect`` (``autocommit=`` sets the tracked autocommit),
     the detection defaults are added unless given, ``configure(conn)`` (sync or async)
-    runs on every new session and ``on_event`` receives every `Event`. Connects at
+    runs on every new session, ``on_event`` receives every `Event` and ``ledger``
+    chooses the commit ledger (``"auto"``, ``"require"``, ``"off"``). Connects at
     once: bad input raises here without retrying; a server that is down is retried
     within ``policy``, without blocking the event loop.
     """
@@ -389,8 +394,12 @@ async def connect_async(
         ) from exc
     adapter = AsyncPsycopgDriver()
     core = make_core(adapter, conninfo, policy=policy,
-                     configure=configure, on_event=on_event, kwargs=kwargs)
+                     configure=configure, on_event=on_event, kwargs=kwargs, ledger=ledger)
     conn: AsyncResilientConnection[Any] = AsyncResilientConnection(
         core, adapter, configure=configure)
     await conn._connect_with_retries()
+    refused = core.required_ledger_missing()
+    if refused is not None:
+        await conn.close()
+        raise refused
     return conn

@@ -27,6 +27,7 @@ from ._driver_psycopg import (
     guard_off,
     guard_on,
 )
+from ._ledger import LedgerMode
 from ._policy import RetryPolicy
 from ._pool_common import (
     FailoverBookkeeping,
@@ -54,7 +55,7 @@ _P = ParamSpec("_P")
 class AsyncFailoverPool(FailoverBookkeeping, AsyncConnectionPool[ACT]):
     """psycopg_pool's ``AsyncConnectionPool`` that notices a failover once and
     replaces every connection to the old server at once. Arguments: those of
-    ``AsyncConnectionPool``, plus ``policy`` and ``on_event`` (see `FailoverPool`)."""
+    ``AsyncConnectionPool``, plus ``policy``, ``on_event`` and ``ledger`` (see `FailoverPool`)."""
 
     _add_task = AddConnection
 
@@ -81,9 +82,10 @@ class AsyncFailoverPool(FailoverBookkeeping, AsyncConnectionPool[ACT]):
         num_workers: int = 3,
         policy: RetryPolicy | None = None,
         on_event: ev.EventHook | None = None,
+        ledger: LedgerMode = "auto",
     ) -> None:
         self._init_failover(policy, on_event, conninfo, kwargs, connection_class,
-                            psycopg.AsyncConnection)
+                            psycopg.AsyncConnection, ledger)
         self._driver = AsyncPsycopgDriver()
         super().__init__(
             conninfo,
@@ -292,7 +294,8 @@ class _PooledRunner(AsyncResilientConnection[Any]):
         ops[_core.OP_INFO] = _info
         ops[_core.OP_APPLY_STATE] = _nothing
         ops[_core.OP_CONFIGURE] = _nothing  # psycopg_pool's configure ran at connect
-        ops[_core.OP_BEGIN] = lambda raw, state: driver.begin(raw, raw._symfo_state)
+        ops[_core.OP_BEGIN] = lambda raw, state, token: driver.begin(
+            raw, raw._symfo_state, token)
         ops[_core.OP_PROBE] = _no_answers
         return ops
 

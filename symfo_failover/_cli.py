@@ -256,6 +256,63 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return _reporting("check", args, lambda _step, _err: run_check(args.conninfo))
 
 
+def _cmd_ledger(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from . import _ledger_admin as admin
+    from ._report import InputError
+
+    command = f"ledger {args.action}"
+    try:
+        if args.action == "install":
+            done = admin.install_ledger(args.conninfo, grant_to=args.grant or None)
+            result: dict[str, object] = {
+                "created": done.created, "schema_created": done.schema_created,
+                "granted": done.granted, "grants": done.grants}
+            lines = [("installed the commit ledger symfo_failover.ledger" if done.created
+                      else "the commit ledger symfo_failover.ledger was already installed; "
+                           "nothing changed")]
+            if done.granted:
+                lines += ["granted:", *(f"  {g};" for g in done.granted)]
+            else:
+                lines += ["the application's role needs (replace ROLE; DELETE is for "
+                          "pruning):", *(f"  {g};" for g in done.grants)]
+        elif args.action == "status":
+            status = admin.ledger_status(args.conninfo, retention=args.retention)
+            result = status.to_dict()
+            if not status.installed:
+                lines = ["the commit ledger is not installed: symfo-failover ledger "
+                         "install CONNINFO (as a role with CREATE on the database)"]
+            else:
+                lines = [f"installed; this role may {'use' if status.usable else 'NOT use'}"
+                         f" it (privileges: {status.access or 'none'})",
+                         f"rows: {status.rows} ({status.size_bytes // 1024} KiB), oldest "
+                         f"{status.oldest or '-'}, newest {status.newest or '-'}",
+                         f"older than the retention ({status.retention:g} s): "
+                         f"{status.prunable}",
+                         f"roles that may insert: {', '.join(status.roles) or 'none'}"]
+        else:
+            deleted = admin.prune_ledger(args.conninfo, retention=args.retention)
+            result = {"deleted": deleted, "retention": args.retention}
+            lines = [f"deleted {deleted} tokens older than {args.retention:g} s"]
+    except InputError as exc:
+        return _fail(command, str(exc))
+    except ValueError as exc:
+        return _fail(command, str(exc))
+    except psycopg.Error as exc:
+        from ._check import _redact
+
+        text = _redact(" ".join(str(exc).split()), args.conninfo)
+        hint = (" (the install needs CREATE on the database: run it as the database's "
+                "owner)" if getattr(exc, "sqlstate", None) == "42501" else "")
+        return _fail(command, f"{getattr(exc, 'sqlstate', None) or 'error'}: {text}{hint}")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print("\n".join(lines))
+    return 0
+
+
 def _positive(kind: type[float] | type[int]) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
@@ -354,6 +411,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("conninfo", metavar="CONNINFO", help="libpq connection string or URI")
     _report_options(p)
     p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser(
+        "ledger",
+        help="install, inspect or prune the commit ledger (exactly once after crashes)",
+    )
+    ledger = p.add_subparsers(dest="action", required=True)
+    q = ledger.add_parser("install", help="create symfo_failover.ledger (idempotent) and "
+                                          "print the GRANTs the application's role needs")
+    q.add_argument("conninfo", metavar="CONNINFO",
+                   help="libpq connection string of a role with CREATE on the database")
+    q.add_argument("--grant", metavar="ROLE", action="append",
+                   help="also grant ROLE what it needs (repeatable)")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    for name, text in (("status", "is it installed, may this role use it, how big is it"),
+                       ("prune", "delete tokens older than the retention now")):
+        q = ledger.add_parser(name, help=text)
+        q.add_argument("conninfo", metavar="CONNINFO", help="libpq connection string")
+        q.add_argument("--retention", type=_positive(float), default=3600.0,
+                       metavar="SECONDS", help="keep tokens this long (default 3600)")
+        q.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_ledger)
     return parser
 
 

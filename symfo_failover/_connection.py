@@ -20,6 +20,7 @@ from . import _events as ev
 from ._contract import refuse_awaitable_result, refuse_coroutine_function
 from ._core import Core, Flow, Job
 from ._errors import UnitContractError
+from ._ledger import LedgerMode, check_mode
 from ._policy import DEFAULT_POLICY, RetryPolicy
 from ._probe import probe
 from ._target import Driver, Facts, SessionInfo, SessionState, Target, normalise_isolation
@@ -344,6 +345,8 @@ def operations(driver: Driver[Any], *, connect: Callable[[], Any],
         _core.OP_AUTOCOMMIT: driver.set_autocommit,
         _core.OP_SLEEP: sleep,
         _core.OP_PROBE: lambda target: [],
+        _core.OP_CLAIM: driver.claim,
+        _core.OP_PRUNE: driver.prune,
     }
     table.update(instead)
     return [table[i] for i in range(_core.N_OPS)]
@@ -386,19 +389,19 @@ def call_unit(job: Job, lent: Any) -> Any:
 def connect(
     conninfo: str, *, driver: Literal["psycopg"] = "psycopg", policy: RetryPolicy | None = None,
     configure: Callable[[psycopg.Connection[TupleRow]], object] | None = None,
-    on_event: ev.EventHook | None = None, **kwargs: Any,
+    on_event: ev.EventHook | None = None, ledger: LedgerMode = "auto", **kwargs: Any,
 ) -> ResilientConnection[psycopg.Connection[TupleRow]]: ...
 @overload
 def connect(
     conninfo: str, *, driver: Literal["pyodbc"], policy: RetryPolicy | None = None,
     configure: Callable[[pyodbc.Connection], object] | None = None,
-    on_event: ev.EventHook | None = None, **kwargs: Any,
+    on_event: ev.EventHook | None = None, ledger: LedgerMode = "auto", **kwargs: Any,
 ) -> ResilientConnection[pyodbc.Connection]: ...
 @overload
 def connect(
     conninfo: str, *, driver: str, policy: RetryPolicy | None = None,
     configure: Callable[[Any], object] | None = None,
-    on_event: ev.EventHook | None = None, **kwargs: Any,
+    on_event: ev.EventHook | None = None, ledger: LedgerMode = "auto", **kwargs: Any,
 ) -> ResilientConnection[Any]: ...
 
 
@@ -409,6 +412,7 @@ def connect(
     policy: RetryPolicy | None = None,
     configure: Callable[[Any], object] | None = None,
     on_event: ev.EventHook | None = None,
+    ledger: LedgerMode = "auto",
     **kwargs: Any,
 ) -> ResilientConnection[Any]:
     """Open a `ResilientConnection`.
@@ -419,16 +423,26 @@ def connect(
     detect a partition (see docs/concepts.md) are added unless given. ``configure(raw)``
     runs on every new session. ``on_event`` receives every `Event`.
 
+    ``ledger``: the commit ledger (docs/exactly-once.md), which makes the outcome of a
+    lost COMMIT provable after a crash or a promotion. ``"auto"`` uses it wherever it
+    is installed and the role may use it (read once per session, with the session's
+    other facts); ``"require"`` raises `LedgerUnavailable` here when it is not;
+    ``"off"`` never uses it.
+
     Connects at once: a bad connection string, an unknown driver or a wrong password
     raise here without retrying; a server that is down is retried within ``policy``.
     """
     adapter = load_driver(driver)
     core = make_core(adapter, conninfo, policy=policy, configure=configure,
-                     on_event=on_event, kwargs=kwargs)
+                     on_event=on_event, kwargs=kwargs, ledger=ledger)
     if configure is not None:
         refuse_coroutine_function(configure, what="configure")
     conn: ResilientConnection[Any] = ResilientConnection(core, adapter, configure=configure)
     conn._connect_with_retries()
+    refused = core.required_ledger_missing()
+    if refused is not None:
+        conn.close()
+        raise refused
     return conn
 
 
@@ -440,6 +454,7 @@ def make_core(
     configure: object,
     on_event: ev.EventHook | None,
     kwargs: dict[str, Any],
+    ledger: object = "auto",
 ) -> Core:
     """Check what `connect` (or `connect_async`) was given; the core for it."""
     if policy is not None and not isinstance(policy, RetryPolicy):
@@ -450,12 +465,13 @@ def make_core(
         raise TypeError("on_event must be callable")
     if not isinstance(conninfo, str):
         raise TypeError(f"conninfo must be a str, not {type(conninfo).__name__}")
+    mode = check_mode(ledger)
     options = dict(kwargs)
     state = SessionState(autocommit=bool(options.pop("autocommit", False)))
     target = adapter.target(conninfo, options)
     return Core(adapter, target, policy=policy or DEFAULT_POLICY,
                 on_event=on_event, state=state,
-                configure=configure is not None)
+                configure=configure is not None, ledger=mode)
 
 
 def load_driver(name: str) -> Driver[Any]:

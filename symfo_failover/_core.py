@@ -33,6 +33,7 @@ from typing import Any, Protocol, TypeVar
 import tenacity
 
 from . import _events as ev
+from . import _ledger as lg
 from ._classify import classify, driver_text
 from ._contract import UnitGuard
 from ._decide import (
@@ -47,11 +48,15 @@ from ._decide import (
     first_connect_failure,
     is_login_question,
     next_step,
+    resolve_claim,
     resolve_commit,
+    unknown_claim_reason,
     unknown_outcome_reason,
+    wrong_server_failure,
 )
 from ._errors import (
     CommitOutcomeUnknown,
+    LedgerUnavailable,
     RetriesExhausted,
     UnitContractError,
     flavoured,
@@ -76,7 +81,8 @@ OP_INFO = 2  # (raw,) -> SessionInfo
 OP_END_SESSION = 3  # (raw, SessionInfo) -> bool: fence an old session of ours
 OP_APPLY_STATE = 4  # (raw, SessionState) -> None
 OP_CONFIGURE = 5  # (raw,) -> None: the application's configure(raw)
-OP_BEGIN = 6  # (raw, SessionState) -> the transaction id (None when read-only)
+OP_BEGIN = 6  # (raw, SessionState, token) -> the transaction id (None when read-only or
+#               with a ledger token, which is inserted in the same message instead)
 OP_UNIT = 7  # (job, lent) -> the unit's result: the runner calls (or awaits) it
 OP_COMMIT = 8  # (raw,) -> None
 OP_ROLLBACK = 9  # (raw,) -> None
@@ -84,7 +90,10 @@ OP_XACT_STATUS = 10  # (raw, xid) -> pg_xact_status, None when no answer
 OP_AUTOCOMMIT = 11  # (raw, bool) -> None
 OP_SLEEP = 12  # (seconds,) -> None
 OP_PROBE = 13  # (Target,) -> list[ProbeAnswer]: ask each server with a startup packet
-N_OPS = 14
+OP_CLAIM = 14  # (raw, token, lock_timeout_ms) -> None: `_ledger.claim_sql`, rolled back;
+#                raises the driver's error (23505, 55P03, ...) as the server gave it
+OP_PRUNE = 15  # (raw, retention, batch) -> rows deleted from the ledger (autocommit)
+N_OPS = 16
 
 #: What a runner passes as a unit: ``(fn, args, kwargs)``.
 Job = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
@@ -129,11 +138,13 @@ class SessionLostUnderUnit(Exception):
 
 @dataclass(slots=True)
 class Pending:
-    """A COMMIT whose reply was lost: what is needed to ask the server about it."""
+    """A COMMIT whose reply was lost: what is needed to ask the server about it (the
+    transaction id, or the unit's ledger token)."""
 
-    xid: str
+    xid: str | None
     result: Any
     session: SessionInfo | None
+    token: str | None = None
 
 
 @dataclass(slots=True)
@@ -153,6 +164,9 @@ class Call:
     #: Where the call is now (what an interruption would interrupt).
     phase: Phase = Phase.CONNECT
     xid: str | None = None
+    #: The unit's ledger token: made at its first BEGIN with the ledger, kept for its
+    #: replays (so that a committed first run is always found).
+    token: str | None = None
 
 
 @dataclass(slots=True)
@@ -192,7 +206,9 @@ class Core:
         on_event: ev.EventHook | None,
         state: SessionState,
         configure: bool,
+        ledger: lg.LedgerMode = "auto",
     ) -> None:
+        self.ledger = lg.check_mode(ledger)
         self.driver = driver
         self.target = target
         self.policy = policy
@@ -291,12 +307,16 @@ class Core:
 
     def pending_unknown(self, call: Call, reason: str) -> Exception:
         """`CommitOutcomeUnknown` for the pending COMMIT of ``call``."""
-        assert call.pending is not None
+        pending = call.pending
+        assert pending is not None
         cls = flavoured(CommitOutcomeUnknown, self.driver.operational_error)
+        what = (f"ledger token {pending.token}" if pending.token is not None
+                else f"transaction {pending.xid}")
         return cls(
-            f"the outcome of COMMIT (transaction {call.pending.xid}) is unknown: {reason}",
+            f"the outcome of COMMIT ({what}) is unknown: {reason}",
             failure=outcome_unknown_failure(reason),
-            xid=call.pending.xid,
+            xid=pending.xid,
+            token=pending.token,
         )
 
     def interrupted(self, call: Call, exc: BaseException) -> Flow[None]:
@@ -316,8 +336,10 @@ class Core:
             # out again. Closing it rolls back whatever was open; the next session
             # fences it on the server in case the close did not get there.
             yield from self.drop()
+        token = call.pending.token if call.pending is not None else call.token
         self.emit(ev.UnitInterrupted, call, phase=phase.value, xid=xid,
-                  outcome=outcome, interruption=type(exc).__name__)
+                  outcome=outcome, interruption=type(exc).__name__,
+                  token=token if outcome == "unknown" else None)
 
     # --- one try ---------------------------------------------------------------------
 
@@ -338,6 +360,8 @@ class Core:
                 )
             # The unit's BEGIN and COMMIT are ours; passthrough calls switch it back.
             yield (OP_AUTOCOMMIT, raw, True)
+        if not self.state.read_only:
+            raw = yield from self.writable_session(call, raw)
         if call.pending is not None:
             done, result = yield from self.resolve(call, raw)
             if done:
@@ -348,6 +372,95 @@ class Core:
         call.ran = True
         return (yield from self.unit(call, raw, job))
 
+    def writable_session(self, call: Call, raw: Any) -> Flow[Any]:
+        """Before a read-write unit: a standby is the wrong server (reconnect); the
+        ledger is used, or refused (``require``), or noted as not used (``auto``);
+        old tokens are pruned when due. No round trip unless a prune is due."""
+        info = self.link.info
+        if info is None:
+            return raw
+        if info.in_recovery:
+            failure = wrong_server_failure(self.target.description)
+            call.failure = failure
+            self.emit(ev.FailureDetected, call, failure=failure, phase=Phase.CONNECT.value,
+                      attempt=call.attempts, error=failure.message)
+            yield from self.drop()
+            raise Again(failure, Phase.CONNECT)
+        state = info.ledger
+        if state is None or self.ledger == "off":
+            return raw
+        if not state.usable:
+            self.ledger_not_used(state)
+            return raw
+        if state.can_prune:
+            now = self.policy.clock()
+            if state.next_prune is None:
+                # A new session's first prune comes at a random point of its first
+                # minute: a pool refilled after a failover does not prune all at once.
+                state.next_prune = now + self.policy.random() * lg.PRUNE_EVERY
+            if now >= state.next_prune:
+                raw = yield from self.prune(call, raw, state)
+        return raw
+
+    def ledger_not_used(self, state: lg.LedgerState) -> None:
+        reason = state.why_not()
+        if self.ledger == "require":
+            raise self.ledger_unavailable(reason)
+        if state.next_prune is None:  # once per session: the schedule is not used
+            state.next_prune = float("inf")
+            self.emit(ev.LedgerNotUsed, None, level=_once_level(),
+                      reason=f"{reason}; install it for provable commit outcomes "
+                             f"after a crash: {lg.INSTALL_HINT}")
+
+    def required_ledger_missing(self) -> LedgerUnavailable | None:
+        """``ledger="require"`` on a session without a usable ledger: the error for
+        `connect` to raise (no I/O: the facts were read with the session's)."""
+        info = self.link.info
+        if self.ledger != "require" or info is None or info.ledger is None \
+                or info.ledger.usable:
+            return None
+        return self.ledger_unavailable(info.ledger.why_not())
+
+    def ledger_unavailable(self, reason: str) -> LedgerUnavailable:
+        cls = flavoured(LedgerUnavailable, self.driver.programming_error)
+        return cls(f"ledger='require', but {reason} on {self.target.description}: run "
+                   f"{lg.INSTALL_HINT} and grant the role what it prints", reason=reason)
+
+    def prune(self, call: Call, raw: Any, state: lg.LedgerState) -> Flow[Any]:
+        """Delete one batch of old tokens (autocommit, before the unit's BEGIN)."""
+        now = self.policy.clock()
+        retention = lg.retention_for(self.policy.deadline)
+        try:
+            deleted = int((yield (OP_PRUNE, raw, retention, lg.PRUNE_BATCH)) or 0)
+        except self.driver.error as exc:
+            failure = classify(exc, connection=raw)
+            state.next_prune = now + lg.PRUNE_EVERY
+            if failure.sqlstate in lg.MISSING:
+                state.can_prune = False
+            self.emit(ev.LedgerPruned, None, level="warning" if not state.can_prune else None,
+                      deleted=0, retention=retention,
+                      error=f"{failure.sqlstate or 'no SQLSTATE'}: "
+                            f"{ev.driver_message(driver_text(exc))}")
+            if self.driver.is_broken(raw):
+                raw = yield from self.session(call)
+            return raw
+        state.next_prune = now + (lg.PRUNE_AGAIN if deleted >= lg.PRUNE_BATCH
+                                  else lg.PRUNE_EVERY)
+        self.emit(ev.LedgerPruned, None, deleted=deleted, retention=retention)
+        return raw
+
+    def token_for(self, call: Call) -> str | None:
+        """The ledger token of this unit's BEGIN (None: the transaction-id path)."""
+        if self.state.read_only or self.ledger == "off":
+            return None
+        info = self.link.info
+        state = info.ledger if info is not None else None
+        if state is None or not state.usable:
+            return None
+        if call.token is None:
+            call.token = lg.new_token()
+        return call.token
+
     def unit(self, call: Call, raw: Any, job: Job) -> Flow[Any]:
         driver = self.driver
         link = self.link
@@ -355,8 +468,20 @@ class Core:
         xid: str | None = None
         result: Any = _NOTHING
         guard = UnitGuard(self.contract_error)
+        token = self.token_for(call)
         try:
-            call.xid = xid = yield (OP_BEGIN, raw, self.state)
+            try:
+                call.xid = xid = yield (OP_BEGIN, raw, self.state, token)
+            except driver.error as exc:
+                if token is None or driver.is_broken(raw) or \
+                        classify(exc, connection=raw).sqlstate not in lg.MISSING:
+                    raise
+                # The table was dropped or a privilege revoked since the session was
+                # made: nothing of the unit ran (M1). Without the ledger from now on.
+                yield from self.rollback_quietly(raw)
+                self.ledger_gone(call, exc)
+                token = None
+                call.xid = xid = yield (OP_BEGIN, raw, self.state, None)
             lent = driver.lend(raw, guard)
             link.guard = guard
             try:
@@ -372,16 +497,30 @@ class Core:
             call.phase = phase = Phase.COMMIT
             yield (OP_COMMIT, raw)
         except Exception as exc:
+            if isinstance(exc, LedgerUnavailable):
+                raise
             if guard.violation is None and phase is Phase.UNIT and \
                     driver.unit_left(raw) == "closed":
                 # Closed behind the guard's back: a bug in the unit, not a lost session.
                 guard.refuse("closed-connection", "the connection was closed")
             if guard.violation is not None:
                 yield from self.contract_broken(raw, guard.violation, exc)
-            return (yield from self.unit_failed(call, raw, exc, phase, xid, result))
+            return (yield from self.unit_failed(call, raw, exc, phase, xid, result, token))
         call.phase = Phase.CONNECT
         return result
 
+    def ledger_gone(self, call: Call, exc: BaseException) -> None:
+        """A BEGIN found the ledger gone: ``require`` raises, ``auto`` goes on without."""
+        info = self.link.info
+        if info is not None and info.ledger is not None:
+            info.ledger.usable = info.ledger.can_prune = False
+        call.token = None
+        said = ev.driver_message(driver_text(exc))
+        reason = f"the commit ledger is gone or its privileges were revoked ({said})"
+        if self.ledger == "require":
+            raise self.ledger_unavailable(reason) from exc
+        self.emit(ev.LedgerNotUsed, call, level="warning",
+                  reason=f"{reason}; install it again: {lg.INSTALL_HINT}")
     def check_unit_left(self, raw: Any, guard: UnitGuard) -> None:
         """What the unit left behind, from the driver's local state (no round trip)."""
         driver = self.driver
@@ -415,7 +554,7 @@ class Core:
 
     def unit_failed(
         self, call: Call, raw: Any, exc: Exception, phase: Phase, xid: str | None,
-        result: Any,
+        result: Any, token: str | None = None,
     ) -> Flow[Any]:
         driver = self.driver
         if isinstance(exc, SessionLostUnderUnit):
@@ -432,7 +571,7 @@ class Core:
                   attempt=call.attempts, error=driver_text(exc))
         step = next_step(failure, Situation(
             phase, usable, call.fresh_session, call.state_lost_retried,
-            has_xid=xid is not None))
+            has_xid=xid is not None or token is not None))
         call.phase = Phase.CONNECT
         if step is Step.RETRY:
             if failure.kind is Kind.SESSION_STATE_LOST:
@@ -444,9 +583,9 @@ class Core:
             yield from self.drop()
             raise Again(failure, phase) from exc
         if step is Step.RESOLVE:
-            assert xid is not None
+            assert xid is not None or token is not None
             old = self.link.info
-            call.pending = Pending(xid, result, old)
+            call.pending = Pending(xid, result, old, token)
             yield from self.drop()
             raise Again(failure, phase) from exc
         if step is Step.RETURN:
@@ -469,6 +608,9 @@ class Core:
         """Ask the server what became of the pending COMMIT (DESIGN §3)."""
         pending = call.pending
         assert pending is not None
+        if pending.token is not None:
+            return (yield from self.resolve_by_token(call, raw, pending.token))
+        assert pending.xid is not None
         driver = self.driver
         link = self.link
         terminated = link.ended_old
@@ -510,6 +652,58 @@ class Core:
             raise cls(f"the outcome of COMMIT is unknown: {reason}",
                       failure=outcome_unknown_failure(reason), xid=pending.xid)
         return False, None
+
+    def resolve_by_token(self, call: Call, raw: Any, token: str) -> Flow[tuple[bool, Any]]:
+        """The pending COMMIT, decided by the ledger: claim the unit's token again.
+
+        The old session was fenced when this one was made (or is on a server that is
+        gone). A claim that finds the row held is a session the fence missed: end it
+        and claim again. A claim is rolled back; the replay inserts the token itself.
+        """
+        pending = call.pending
+        assert pending is not None
+        driver = self.driver
+        terminated = self.link.ended_old
+        answer: lg.ClaimAnswer | None = None
+        said = ""
+        for _ in range(2):
+            try:
+                yield (OP_CLAIM, raw, token, lg.CLAIM_LOCK_TIMEOUT_MS)
+                answer = "free"
+            except driver.error as exc:
+                failure = classify(exc, connection=raw)
+                if failure.reconnect or driver.is_broken(raw):
+                    yield from self.drop()
+                    call.failure = failure
+                    raise Again(failure, Phase.COMMIT) from exc
+                answer = lg.claim_answer(failure.sqlstate)
+                said = ev.driver_message(driver_text(exc))
+            resolution = resolve_claim(answer)
+            if resolution is not Resolution.END_OLD_SESSION or pending.session is None:
+                break
+            ended = yield from self.quietly((OP_END_SESSION, raw, pending.session))
+            terminated = bool(ended) or terminated
+        if resolution is Resolution.END_OLD_SESSION:
+            failure = replace(outcome_unknown_failure("the old session still holds the "
+                                                      "unit's ledger row"),
+                              kind=Kind.CONNECTION_LOST, retryable=True)
+            raise Again(failure, Phase.COMMIT)
+        status = {"committed": "committed", "free": "aborted"}.get(answer or "", "unknown")
+        self.emit(ev.CommitResolved, call, xid=pending.xid, status=status,
+                  outcome=OUTCOME[resolution], terminated_old_session=terminated,
+                  via="ledger", token=token)
+        call.pending = None
+        if resolution is Resolution.COMMITTED:
+            return True, pending.result
+        if resolution is Resolution.UNKNOWN:
+            raise self.pending_unknown_now(pending, unknown_claim_reason(answer, said))
+        return False, None
+
+    def pending_unknown_now(self, pending: Pending, reason: str) -> Exception:
+        cls = flavoured(CommitOutcomeUnknown, self.driver.operational_error)
+        return cls(f"the outcome of COMMIT is unknown: {reason}",
+                   failure=outcome_unknown_failure(reason), xid=pending.xid,
+                   token=pending.token)
 
     # --- sessions --------------------------------------------------------------------
 
@@ -715,6 +909,19 @@ class Core:
         elapsed = self.policy.clock() - call.started if call is not None else 0.0
         event = kind(target=self.target.description, elapsed=elapsed, **fields)
         ev.emit(event, self.on_event, level=level)
+
+
+_noted = False
+
+
+def _once_level() -> str | None:
+    """Its own level the first time in the process, DEBUG after (one line per session
+    would be noise in a pool)."""
+    global _noted
+    if _noted:
+        return "debug"
+    _noted = True
+    return None
 
 
 def _repeat_level(call: Call) -> str | None:

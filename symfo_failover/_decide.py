@@ -151,13 +151,60 @@ OUTCOME = {
 }
 
 
+#: Appended to every unknown outcome of the transaction-id path.
+LEDGER_ADVICE = ("; the commit ledger makes this outcome provable: install it with "
+                 "symfo-failover ledger install CONNINFO")
+
+
 def unknown_outcome_reason(evidence: CommitEvidence, xid: str) -> str:
     """Why `resolve_commit` said UNKNOWN, for `CommitOutcomeUnknown`'s message."""
     if evidence.status == "committed":
         return (f"transaction {xid} shows as committed, but the server restarted in "
                 "between and may have handed the id out again, so that answer may be "
-                "another transaction's")
-    return f"pg_xact_status({xid}) gave no answer ({evidence.status!r})"
+                "another transaction's" + LEDGER_ADVICE)
+    return f"pg_xact_status({xid}) gave no answer ({evidence.status!r})" + LEDGER_ADVICE
+
+
+def resolve_claim(answer: str | None) -> Resolution:
+    """What a claim of the unit's ledger token (`_ledger.claim_answer`) means.
+
+    After the old session was fenced, the token's row is either committed (the claim
+    hits the primary key: 23505), held by a transaction still open (the claim waits
+    and times out: 55P03), or absent, and then it never will be there: the token is
+    inserted first in the unit's transaction, so a transaction that could still
+    commit would hold the row. Every answer is final, across crashes and promotions.
+    """
+    if answer == "committed":
+        return Resolution.COMMITTED
+    if answer == "free":
+        return Resolution.ABORTED
+    if answer == "held":
+        return Resolution.END_OLD_SESSION
+    return Resolution.UNKNOWN
+
+
+def unknown_claim_reason(answer: str | None, said: str = "") -> str:
+    """Why `resolve_claim` said UNKNOWN."""
+    detail = f" ({said})" if said else ""
+    if answer == "missing":
+        return ("the server that answered has no commit ledger this role may use"
+                f"{detail}: the unit's token cannot be looked up there")
+    return f"the ledger claim gave no answer{detail}"
+
+
+#: The rule of a read-write unit that landed on a standby.
+WRONG_SERVER = "read-write unit on a server in recovery"
+
+
+def wrong_server_failure(target: str) -> Failure:
+    """A session on a standby (``pg_is_in_recovery()``) for a read-write unit: the
+    wrong server, not the application's error. Reconnect, within the policy: the
+    access point reaches the primary once the cluster has one."""
+    return Failure(
+        kind=Kind.CONNECTION_LOST, sqlstate="25006", retryable=True, reconnect=True,
+        message=f"the session reached a server in recovery (a standby) through {target}; "
+                "a read-write unit needs the primary: reconnecting",
+        rule=WRONG_SERVER, condition="read_only_sql_transaction")
 
 
 def connect_failure(failure: Failure, *, connected_before: bool) -> Failure:

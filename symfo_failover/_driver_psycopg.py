@@ -23,6 +23,7 @@ from psycopg.pq import ConnStatus, DiagnosticField, ExecStatus, TransactionStatu
 from . import _sqlstates as table
 from . import _target as _t
 from ._contract import UnitGuard
+from ._ledger import claim_sql, prune_sql
 
 if TYPE_CHECKING:
     from psycopg.pq.abc import PGresult
@@ -473,12 +474,24 @@ class PsycopgDriver(_PsycopgFacts["GuardedConnection"], _t.DriverBase["GuardedCo
     def set_autocommit(self, raw: GuardedConnection, value: bool) -> None:
         raw.autocommit = value
 
-    def begin(self, raw: GuardedConnection, state: _t.SessionState) -> str | None:
+    def begin(self, raw: GuardedConnection, state: _t.SessionState,
+              token: str | None = None) -> str | None:
         # Straight through libpq: psycopg's cursor machinery costs more than the
         # round trip on a fast network (DESIGN §5). PQexec returns the last result.
-        want_xid = not state.read_only
-        result = raw.pgconn.exec_(_t.begin_sql_bytes(state, want_xid))
+        want_xid = token is None and not state.read_only
+        result = raw.pgconn.exec_(_t.begin_sql_bytes(state, want_xid, token))
         return _begun(raw, result, want_xid)
+
+    def claim(self, raw: GuardedConnection, token: str, lock_timeout_ms: int) -> None:
+        pgconn = raw.pgconn
+        result = pgconn.exec_(claim_sql(token, lock_timeout_ms).encode())
+        error = _error(raw, result) if result.status != ExecStatus.COMMAND_OK else None
+        if pgconn.status != _BAD:
+            rolled = pgconn.exec_(b"ROLLBACK")
+            if error is None and rolled.status != ExecStatus.COMMAND_OK:
+                error = _error(raw, rolled)
+        if error is not None:
+            raise error
 
     def commit(self, raw: GuardedConnection) -> None:
         # psycopg's own light path (in autocommit mode it sends COMMIT), past the guard.
@@ -544,18 +557,37 @@ class AsyncPsycopgDriver(_PsycopgFacts["GuardedAsyncConnection"]):
     async def set_autocommit(self, raw: GuardedAsyncConnection, value: bool) -> None:
         await psycopg.AsyncConnection.set_autocommit(raw, value)
 
-    async def begin(self, raw: GuardedAsyncConnection, state: _t.SessionState) -> str | None:
+    async def begin(self, raw: GuardedAsyncConnection, state: _t.SessionState,
+                    token: str | None = None) -> str | None:
         # As the sync adapter: one simple-protocol round trip past the cursor machinery,
         # under the connection's lock as psycopg's own commands are.
-        want_xid = not state.read_only
-        pgconn = raw.pgconn
-        async with raw.lock:
-            pgconn.send_query(_t.begin_sql_bytes(state, want_xid))
-            results = await raw.wait(generators.execute(pgconn))
+        want_xid = token is None and not state.read_only
+        results = await self._simple(raw, _t.begin_sql_bytes(state, want_xid, token))
         for each in results[:-1]:
             if each.status not in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK):
                 raise _error(raw, each)
         return _begun(raw, results[-1], want_xid)
+
+    async def _simple(self, raw: GuardedAsyncConnection, sql: bytes) -> list[PGresult]:
+        pgconn = raw.pgconn
+        async with raw.lock:
+            pgconn.send_query(sql)
+            return await raw.wait(generators.execute(pgconn))
+
+    async def claim(self, raw: GuardedAsyncConnection, token: str, lock_timeout_ms: int) -> None:
+        results = await self._simple(raw, claim_sql(token, lock_timeout_ms).encode())
+        failed = [r for r in results if r.status != ExecStatus.COMMAND_OK]
+        error = _error(raw, failed[0]) if failed else None
+        if raw.pgconn.status != _BAD:
+            rolled = await self._simple(raw, b"ROLLBACK")
+            if error is None and rolled[-1].status != ExecStatus.COMMAND_OK:
+                error = _error(raw, rolled[-1])
+        if error is not None:
+            raise error
+
+    async def prune(self, raw: GuardedAsyncConnection, retention: float, batch: int) -> int:
+        row = await self.query_one(raw, prune_sql(retention, batch))
+        return int(str(row[0])) if row else 0
 
     async def commit(self, raw: GuardedAsyncConnection) -> None:
         await psycopg.AsyncConnection.commit(raw)
@@ -646,8 +678,8 @@ async def apooled_session_info(raw: psycopg.AsyncConnection[Any]) -> _t.SessionI
 
 
 def _info_from_result(result: PGresult) -> _t.SessionInfo:
-    values = [result.get_value(0, i) for i in range(3)]
-    return _t.session_info_of(tuple((v or b"").decode() for v in values))
+    values = [result.get_value(0, i) for i in range(5)]
+    return _t.session_info_of(tuple(None if v is None else v.decode() for v in values))
 
 
 def unit_state(raw: psycopg.BaseConnection[Any]) -> _t.SessionState:

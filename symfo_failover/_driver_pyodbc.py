@@ -7,6 +7,7 @@ psqlODBC answers from its own state without a round trip.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -19,6 +20,7 @@ import pyodbc
 from . import _sqlstates as table
 from . import _target as _t
 from ._contract import UnitGuard
+from ._ledger import claim_sql
 
 _SQLSTATE = re.compile(r"[0-9A-Z]{5}")
 _SQL_ATTR_CONNECTION_DEAD = 1209
@@ -378,13 +380,24 @@ class PyodbcDriver(_t.DriverBase["pyodbc.Connection"]):
             raw.execute("SET SESSION CHARACTERISTICS AS TRANSACTION " + ", ".join(options))
         raw.autocommit = state.autocommit
 
-    def begin(self, raw: pyodbc.Connection, state: _t.SessionState) -> str | None:
-        want_xid = not state.read_only
-        cur = raw.execute(_t.begin_sql(state, want_xid))
+    def begin(self, raw: pyodbc.Connection, state: _t.SessionState,
+              token: str | None = None) -> str | None:
+        want_xid = token is None and not state.read_only
+        cur = raw.execute(_t.begin_sql(state, want_xid, token))
         if not want_xid:
             return None
         cur.nextset()
         return str(cur.fetchone()[0])
+
+    def claim(self, raw: pyodbc.Connection, token: str, lock_timeout_ms: int) -> None:
+        try:
+            raw.execute(claim_sql(token, lock_timeout_ms))
+        except pyodbc.Error:
+            if not is_broken(raw):
+                with contextlib.suppress(pyodbc.Error):
+                    raw.execute("ROLLBACK")
+            raise
+        raw.execute("ROLLBACK")
 
     def commit(self, raw: pyodbc.Connection) -> None:
         raw.execute("COMMIT")

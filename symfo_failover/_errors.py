@@ -53,12 +53,29 @@ class CommitOutcomeUnknown(FailoverError):
     """COMMIT was sent, the reply was lost, and the server could not say what happened.
 
     The unit may or may not have committed; it was not run again. ``xid`` is the
-    transaction id that was being committed (text), when it was known.
+    transaction id that was being committed (text), when it was known; ``token`` the
+    unit's token in the commit ledger, when it used the ledger (then look it up in
+    ``symfo_failover.ledger`` once a server answers).
     """
 
-    def __init__(self, message: str, *, failure: Failure, xid: str | None) -> None:
+    def __init__(self, message: str, *, failure: Failure, xid: str | None,
+                 token: str | None = None) -> None:
         super().__init__(message, failure=failure)
         self.xid = xid
+        self.token = token
+
+
+class LedgerUnavailable(LibraryError):
+    """``ledger="require"``, and the server has no commit ledger this role may use.
+
+    Raised at connect (and by ``run()`` of a read-write unit on a session without it),
+    before anything ran. The message names the install command; ``reason`` says what
+    is missing.
+    """
+
+    def __init__(self, message: str, *, reason: str, failure: Failure | None = None) -> None:
+        super().__init__(message, failure=failure or ledger_failure(message))
+        self.reason = reason
 
 
 class RetriesExhausted(FailoverError):
@@ -117,6 +134,19 @@ def contract_failure(rule: str, message: str) -> Failure:
         message=message,
         rule=f"unit contract: {rule}",
         condition="unit_contract_violated",
+    )
+
+
+def ledger_failure(message: str) -> Failure:
+    """The classification `LedgerUnavailable` carries: configuration, never retried."""
+    return Failure(
+        kind=Kind.NOT_RETRYABLE,
+        sqlstate=None,
+        retryable=False,
+        reconnect=False,
+        message=message,
+        rule="commit ledger unavailable",
+        condition="ledger_unavailable",
     )
 
 

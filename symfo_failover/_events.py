@@ -124,6 +124,8 @@ class CommitResolved(Event):
 
     ``status``: ``committed``, ``aborted``, ``no transaction id`` (nothing was written)
     or ``unknown``. ``outcome``: ``returned`` (not run again), ``replayed`` or ``raised``.
+    ``via``: what decided it: ``ledger`` (the unit's token in the commit ledger, then
+    ``token`` is set), ``xid`` (``pg_xact_status``) or ``none``.
     """
 
     name: ClassVar[str] = "commit_resolved"
@@ -132,6 +134,8 @@ class CommitResolved(Event):
     status: str
     outcome: str
     terminated_old_session: bool
+    via: str = "xid"
+    token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,8 @@ class UnitInterrupted(Event):
     what became of the unit: ``not begun``, ``rolled back`` (nothing committed),
     ``committed`` (the COMMIT was in flight and was let finish) or ``unknown`` (the
     COMMIT did not finish in time, or a lost COMMIT was being asked about: look up
-    ``xid`` with ``pg_xact_status``).
+    ``token`` in ``symfo_failover.ledger`` when it is set, else ``xid`` with
+    ``pg_xact_status``).
     """
 
     name: ClassVar[str] = "unit_interrupted"
@@ -154,6 +159,33 @@ class UnitInterrupted(Event):
     xid: str | None
     outcome: str
     interruption: str
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class LedgerNotUsed(Event):
+    """A session's read-write units go without the commit ledger (``ledger="auto"``):
+    a lost COMMIT after a crash may then end in `CommitOutcomeUnknown`. Once per
+    session; ``reason`` says why (not installed, a privilege missing, revoked)."""
+
+    name: ClassVar[str] = "ledger_not_used"
+    level: ClassVar[str] = "info"
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class LedgerPruned(Event):
+    """A session deleted old tokens from the commit ledger (at most about once a
+    minute). ``deleted``: rows; ``retention``: seconds kept; ``error``: why it could
+    not (the session goes on; a role without DELETE stops pruning)."""
+
+    name: ClassVar[str] = "ledger_pruned"
+    level: ClassVar[str] = "debug"
+
+    deleted: int
+    retention: float
+    error: str | None = None
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ from ._core import Core
 from ._driver_pyodbc import PyodbcDriver
 from ._errors import LibraryError, flavoured
 from ._kind import Failure, Kind
+from ._ledger import LedgerMode, check_mode
 from ._policy import DEFAULT_POLICY, RetryPolicy
 from ._pool_state import (
     RUNNING,
@@ -133,7 +134,8 @@ class OdbcFailoverPool:
     ``timeout`` is how long a request waits for one. ``policy``: the `RetryPolicy` of
     ``run()`` and of the refill's waits. ``configure(raw)`` runs on each new
     connection (what it leaves open is committed). ``on_event`` receives every `Event`.
-    ``name`` shows in the pool's events and log lines.
+    ``name`` shows in the pool's events and log lines. ``ledger``: as for
+    `symfo_failover.connect` (``require`` is checked by each read-write ``run()``).
     """
 
     _driver_class: type[Any] = PyodbcDriver
@@ -149,7 +151,9 @@ class OdbcFailoverPool:
         configure: Callable[[Any], object] | None = None,
         on_event: ev.EventHook | None = None,
         name: str | None = None,
+        ledger: LedgerMode = "auto",
     ) -> None:
+        self._ledger = check_mode(ledger)
         if not isinstance(connection_string, str):
             raise TypeError("connection_string must be a str, not "
                             f"{type(connection_string).__name__}")
@@ -298,7 +302,8 @@ class OdbcFailoverPool:
             raise nested
         slot = self._checkout(self._timeout)
         core = Core(self._driver, self._target, policy=self._policy,
-                    on_event=self._on_event, state=UNIT_STATE, configure=False)
+                    on_event=self._on_event, state=UNIT_STATE, configure=False,
+                    ledger=self._ledger)
         link = core.link
         link.raw, link.info, link.server_started = slot.raw, slot.info, slot.info.server_started
         token = RUNNING.set(core)

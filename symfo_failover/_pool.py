@@ -39,6 +39,7 @@ from . import _events as ev
 from ._connection import drive, nothing, operations
 from ._contract import refuse_coroutine_function
 from ._driver_psycopg import PsycopgDriver, gone, guard_off, guard_on, pooled_session_info
+from ._ledger import LedgerMode
 from ._policy import RetryPolicy
 from ._pool_common import (
     FailoverBookkeeping,
@@ -64,7 +65,9 @@ class FailoverPool(FailoverBookkeeping, ConnectionPool[CT]):
 
     Takes ``ConnectionPool``'s arguments with their meaning and defaults, plus
     ``policy`` (the `RetryPolicy` of ``run()`` and of the refill's waits) and
-    ``on_event`` (receives every `Event`). Connections are ``connection_class``'s, made
+    ``on_event`` (receives every `Event`) and ``ledger`` (the commit ledger, as for
+    `symfo_failover.connect`; ``require`` is checked by each read-write ``run()``).
+    Connections are ``connection_class``'s, made
     with its own ``connect``; inside a ``run()`` unit (only) ``commit()``,
     ``rollback()``, ``close()`` and setting ``autocommit`` are refused on them.
     """
@@ -94,9 +97,10 @@ class FailoverPool(FailoverBookkeeping, ConnectionPool[CT]):
         num_workers: int = 3,
         policy: RetryPolicy | None = None,
         on_event: ev.EventHook | None = None,
+        ledger: LedgerMode = "auto",
     ) -> None:
         self._init_failover(policy, on_event, conninfo, kwargs, connection_class,
-                            psycopg.Connection)
+                            psycopg.Connection, ledger)
         self._driver = PsycopgDriver()
         self._ops = self._operations()
         super().__init__(
@@ -275,8 +279,8 @@ class FailoverPool(FailoverBookkeeping, ConnectionPool[CT]):
                               # settings are configure's (psycopg_pool ran it then).
                               _core.OP_INFO: lambda raw: raw._symfo_info,
                               _core.OP_APPLY_STATE: nothing,
-                              _core.OP_BEGIN: lambda raw, state: driver.begin(
-                                  raw, raw._symfo_state),
+                              _core.OP_BEGIN: lambda raw, state, token: driver.begin(
+                                  raw, raw._symfo_state, token),
                           })
 
     def _lend(self) -> CT:

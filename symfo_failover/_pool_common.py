@@ -20,6 +20,7 @@ from . import _events as ev
 from ._classify import classify, driver_text
 from ._core import Core
 from ._driver_psycopg import _DETECTION, PsycopgDriver, guard_off, unit_state, watch_goodbye
+from ._ledger import check_mode
 from ._policy import DEFAULT_POLICY, RetryPolicy
 from ._pool_state import (
     UNIT_STATE,
@@ -49,7 +50,8 @@ class FailoverBookkeeping:
 
     def _init_failover(self, policy: RetryPolicy | None, on_event: ev.EventHook | None,
                        conninfo: object, kwargs: object, connection_class: object,
-                       base: type[Any]) -> None:
+                       base: type[Any], ledger: object = "auto") -> None:
+        self._ledger = check_mode(ledger)
         if policy is not None and not isinstance(policy, RetryPolicy):
             raise TypeError(f"policy must be a RetryPolicy, not {type(policy).__name__}")
         if on_event is not None and not callable(on_event):
@@ -230,8 +232,10 @@ class FailoverBookkeeping:
     def _unit_core(self, driver: Any, conn: Any) -> Core:
         """A core for one ``run()``, starting on ``conn`` (a connection of the pool),
         whose server is known: no first-connect questions, no reconnect reported."""
+        # The unit's transaction settings are the connection's own (configure's).
         core = Core(driver, self._target, policy=self._policy, on_event=self._on_event,
-                    state=UNIT_STATE, configure=False)
+                    state=getattr(conn, "_symfo_state", UNIT_STATE), configure=False,
+                    ledger=self._ledger)
         link = core.link
         link.raw = conn
         link.info = info = conn._symfo_info

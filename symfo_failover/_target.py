@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
+from ._ledger import ACCESS_SQL, LedgerState, insert_sql, prune_sql
+
 if TYPE_CHECKING:
     from ._contract import UnitGuard
 
@@ -65,6 +67,11 @@ class SessionInfo:
     #: The session's own ``backend_start``: with the pid it names this session, so that
     #: a later session never terminates a stranger that reused the pid.
     backend_start: str
+    #: What the session's role may do with the commit ledger (`_ledger.LedgerState`,
+    #: mutable: it also keeps the session's pruning schedule). None: not read.
+    ledger: LedgerState | None = field(default=None, compare=False, repr=False)
+    #: ``pg_is_in_recovery()``: a standby, which takes no read-write unit.
+    in_recovery: bool = False
 
 
 @dataclass
@@ -127,7 +134,9 @@ class Driver(Facts[R], Protocol[R]):
     def connect(self, target: Target) -> R: ...
     def session_info(self, raw: R) -> SessionInfo: ...
     def apply_state(self, raw: R, state: SessionState) -> None: ...
-    def begin(self, raw: R, state: SessionState) -> str | None: ...
+    def begin(self, raw: R, state: SessionState, token: str | None = None) -> str | None: ...
+    def claim(self, raw: R, token: str, lock_timeout_ms: int) -> None: ...
+    def prune(self, raw: R, retention: float, batch: int) -> int: ...
     def commit(self, raw: R) -> None: ...
     def rollback(self, raw: R) -> None: ...
     def set_autocommit(self, raw: R, value: bool) -> None: ...
@@ -144,7 +153,10 @@ class AsyncDriver(Facts[R], Protocol[R]):
     async def connect(self, target: Target) -> R: ...
     async def session_info(self, raw: R) -> SessionInfo: ...
     async def apply_state(self, raw: R, state: SessionState) -> None: ...
-    async def begin(self, raw: R, state: SessionState) -> str | None: ...
+    async def begin(self, raw: R, state: SessionState,
+                    token: str | None = None) -> str | None: ...
+    async def claim(self, raw: R, token: str, lock_timeout_ms: int) -> None: ...
+    async def prune(self, raw: R, retention: float, batch: int) -> int: ...
     async def commit(self, raw: R) -> None: ...
     async def rollback(self, raw: R) -> None: ...
     async def set_autocommit(self, raw: R, value: bool) -> None: ...
@@ -189,11 +201,18 @@ class DriverBase(Generic[R]):
         row = self.query_one(raw, END_SESSION_SQL, old.backend_pid, old.backend_start)
         return bool(row and row[0])
 
+    def prune(self, raw: R, retention: float, batch: int) -> int:
+        row = self.query_one(raw, prune_sql(retention, batch))
+        return int(str(row[0])) if row else 0
+
 
 def session_info_of(row: Row | None) -> SessionInfo:
     """`SessionInfo` from the row of `SESSION_INFO_SQL`."""
     assert row is not None
-    return SessionInfo(int(str(row[0])), str(row[1]), str(row[2]))
+    access = row[3] if len(row) > 3 else None
+    return SessionInfo(int(str(row[0])), str(row[1]), str(row[2]),
+                       ledger=LedgerState.from_access(None if access is None else str(access)),
+                       in_recovery=len(row) > 4 and row[4] in (True, "t", "1", 1, "true"))
 
 
 def xact_status_of(row: Row | None) -> str | None:
@@ -201,8 +220,12 @@ def xact_status_of(row: Row | None) -> str | None:
     return None if row is None or row[0] is None else str(row[0])
 
 
-def begin_sql_bytes(state: SessionState, want_xid: bool) -> bytes:
-    """`begin_sql`, encoded (for libpq), made once per distinct state."""
+def begin_sql_bytes(state: SessionState, want_xid: bool, token: str | None = None) -> bytes:
+    """`begin_sql`, encoded (for libpq), made once per distinct state; with a ledger
+    token, its insert follows in the same message (instead of reading the id)."""
+    if token is not None:
+        return _begin_bytes(state.isolation_level, state.read_only, False) + b"; " + \
+            insert_sql(token).encode()
     return _begin_bytes(state.isolation_level, state.read_only, want_xid)
 
 
@@ -211,8 +234,12 @@ def _begin_bytes(isolation_level: str | None, read_only: bool | None, want_xid: 
     return _begin_sql(isolation_level, read_only, want_xid).encode()
 
 
-def begin_sql(state: SessionState, want_xid: bool) -> str:
-    """The one statement that opens a unit's transaction (and reads its id)."""
+def begin_sql(state: SessionState, want_xid: bool, token: str | None = None) -> str:
+    """The one message that opens a unit's transaction: BEGIN, and the reading of its
+    id or the insert of its ledger token."""
+    if token is not None:
+        return _begin_sql(state.isolation_level, state.read_only, False) + "; " + \
+            insert_sql(token)
     return _begin_sql(state.isolation_level, state.read_only, want_xid)
 
 
@@ -234,7 +261,8 @@ def _begin_sql(isolation_level: str | None, read_only: bool | None, want_xid: bo
 #: Reads `SessionInfo` in one round trip.
 SESSION_INFO_SQL = (
     "SELECT pg_backend_pid(), pg_postmaster_start_time()::text, "
-    "(SELECT backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid())"
+    "(SELECT backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()), "
+    f"{ACCESS_SQL}, pg_is_in_recovery()"
 )
 
 #: Ends an old session of ours, if it is still the same session (pid and start).

@@ -122,6 +122,7 @@ class Bank:
     wrong: dict[str, object] = field(default_factory=dict)
     events: collections.Counter[str] = field(default_factory=collections.Counter)
     resolutions: collections.Counter[str] = field(default_factory=collections.Counter)
+    via: collections.Counter[str] = field(default_factory=collections.Counter)
     failovers: int = 0
     #: Misbehaving transfers: the rule each must be refused for.
     bad: dict[str, str] = field(default_factory=dict)
@@ -154,6 +155,7 @@ class Bank:
             self.events[type(event).__name__] += 1
             if isinstance(event, sf.CommitResolved):
                 self.resolutions[event.status] += 1
+                self.via[event.via] += 1
             if isinstance(event, sf.Reconnected) and event.failover:
                 self.failovers += 1
 
@@ -285,7 +287,8 @@ def run_bank(cluster: LocalCluster, proxy: FaultProxy, faults: int, limit: float
           f"{spent:.1f} s; {len(out.returned)} transfers returned, {len(out.raised)} raised "
           f"({len(out.bad)} misbehaving units refused), {len(out.cancelled)} timed out "
           f"{dict(collections.Counter((e.phase, e.outcome) for e in interruptions))}; "
-          f"events {dict(out.events)}; commit resolutions {dict(out.resolutions)}; "
+          f"events {dict(out.events)}; commit resolutions {dict(out.resolutions)} "
+          f"decided by {dict(out.via)}; "
           f"failovers seen {out.failovers}; tasks that committed after the last fault "
           f"{len(out.recovered)}/{TASKS}")
 

@@ -273,7 +273,8 @@ def check(out: PoolResults, cluster: LocalCluster, injector: PoolInjector, size:
           f"({len(out.bad)} misbehaving units refused); connection() blocks {out.blocks} "
           f"(failed {out.block_errors}); pool failovers noticed {out.pool_failovers}; "
           f"sessions after faults max {max(out.sessions_after_faults)}; "
-          f"events {dict(out.events)}; commit resolutions {dict(out.resolutions)}")
+          f"events {dict(out.events)}; commit resolutions {dict(out.resolutions)} "
+          f"decided by {dict(out.via)}")
     assert sum(injector.counts[k] for k in CLUSTER_FAULTS) >= failovers
     check_books(out, books, logged, accounts=ACCOUNTS, password=PASSWORD,
                 unknown_bound=unknown_bound)
