@@ -19,6 +19,7 @@ import psycopg
 
 from . import __version__
 from ._driver_psycopg import PsycopgDriver
+from ._ledger import ACCESS_SQL, LedgerState
 from ._probe import probe
 from ._report import Finding, InputError, Report, now_iso
 from ._target import CONNECT_TIMEOUT, Endpoint, Target
@@ -87,6 +88,10 @@ class ServerFacts:
     may_terminate_backend: bool | None = None
     #: The WAL directory, when the role may look at files (``pg_stat_file``).
     wal_directory: str | None = None
+    #: The commit ledger: `_ledger.ACCESS_SQL`'s letters for this role; None: not
+    #: installed. ``ledger_read``: whether it could be read at all.
+    ledger_access: str | None = None
+    ledger_read: bool = False
 
     def setting(self, name: str) -> str | None:
         return self.settings.get(name)
@@ -123,7 +128,7 @@ def evaluate(facts: ServerFacts) -> list[Finding]:
         _terminate_privilege(facts),
         _read_only(facts),
     ]
-    # The commit ledger's check (installed, and usable by this role) will go here.
+    findings.append(_commit_ledger(facts))
     for f in findings:
         f.value = f.value or "(empty)"
     return findings
@@ -408,6 +413,34 @@ def _terminate_privilege(facts: ServerFacts) -> Finding:
                    "may end its own sessions).")
 
 
+def _commit_ledger(facts: ServerFacts) -> Finding:
+    name, expected = "commit_ledger", "installed, and this role may use it"
+    guide = None  # not in the vendor's guide: see docs/exactly-once.md
+    if not facts.ledger_read:
+        return _not_visible(name, "The catalog could not be read.", guide)
+    access = facts.ledger_access
+    state = LedgerState.from_access(access)
+    if access is None:
+        return Finding(name, "warn", "not installed", expected,
+                       "A transaction id is no proof after a crash or a promotion: the "
+                       "server hands ids out again, so a COMMIT lost then can end in "
+                       "CommitOutcomeUnknown. Install the commit ledger: symfo-failover "
+                       "ledger install CONNINFO (docs/exactly-once.md).", guide)
+    if not state.usable:
+        return Finding(name, "warn", f"installed; this role may not use it ({access or 'no'} "
+                       "privileges)", expected,
+                       f"{state.why_not()}. Grant it: symfo-failover ledger install CONNINFO "
+                       "--grant ROLE (as the owner).", guide)
+    if not state.can_prune:
+        return Finding(name, "warn", "installed; usable, but this role may not prune it",
+                       expected, "Without DELETE (and SELECT) the role's sessions cannot "
+                       "delete old tokens: run symfo-failover ledger prune from a role that "
+                       "may, or grant them.", guide)
+    return Finding(name, "ok", "installed; usable and pruned by this role", expected,
+                   "Every lost COMMIT's outcome is provable, also after a crash or a "
+                   "promotion (with synchronous replication).", guide)
+
+
 def _read_only(facts: ServerFacts) -> Finding:
     name = "read_only"
     why = "The probe's canary writes need a writable server; so does the application."
@@ -564,6 +597,7 @@ def _facts_of(conn: psycopg.Connection[Any]) -> ServerFacts:
     terminate = (_one(conn, _PRIVILEGE, "pg_terminate_backend(integer, bigint)")
                  or _one(conn, _PRIVILEGE, "pg_terminate_backend(integer)"))
     wal = _one(conn, "SELECT (pg_stat_file('pg_wal')).isdir")
+    ledger = _one(conn, f"SELECT {ACCESS_SQL}")
     data = settings.get("data_directory")
     wal_directory = None
     if wal is not None and wal[0]:
@@ -579,6 +613,8 @@ def _facts_of(conn: psycopg.Connection[Any]) -> ServerFacts:
         superuser=_bool(None if superuser is None else str(superuser)),
         may_xact_status=None if xact is None else bool(xact[0]),
         may_terminate_backend=None if terminate is None else bool(terminate[0]),
+        ledger_access=None if ledger is None or ledger[0] is None else str(ledger[0]),
+        ledger_read=ledger is not None,
         wal_directory=wal_directory,
     )
 

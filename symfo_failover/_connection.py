@@ -89,6 +89,15 @@ class ConnectionFacts(Generic[C]):
         """Facts about the current session (pid, server start time), if any."""
         return self._core.link.info
 
+    @property
+    def last_token(self) -> str | None:
+        """The commit ledger's token of the last unit `run` returned (32 hex digits),
+        None when it went without the ledger (read-only, ``ledger="off"``, not
+        installed). With asynchronous replication, keep it to find later whether a
+        failover lost the unit: ``SELECT 1 FROM symfo_failover.ledger WHERE token =
+        %s``."""
+        return self._core.link.last_token
+
     def _check_open(self) -> None:
         if self._core.link.closed:
             raise self._core.driver.closed_error()

@@ -188,6 +188,8 @@ class Link:
     #: Who runs that unit (the async runner: the task), to tell a nested call.
     guard_owner: object = None
     closed: bool = False
+    #: The ledger token of the last unit that returned (None: without the ledger).
+    last_token: str | None = None
 
 
 _NOTHING = object()
@@ -226,10 +228,12 @@ class Core:
         try:
             try:
                 # The first try straight away: the steady state pays for no more.
-                return (yield from self.run_attempt(call, job))
+                result = yield from self.run_attempt(call, job)
             except Again as exc:
-                first = exc
-            return (yield from self.retrying(call, lambda: self.run_attempt(call, job), first))
+                result = yield from self.retrying(
+                    call, lambda: self.run_attempt(call, job), exc)
+            self.link.last_token = call.token
+            return result
         except (Exception, GeneratorExit):
             raise
         except BaseException as exc:
@@ -942,7 +946,8 @@ def probe_answers(target: Target, probe: Callable[..., Any], timeout: float) -> 
                     database=target.database or "postgres", timeout=timeout,
                     password=target.password, sslmode=target.sslmode)
         answers.append(ProbeAnswer(f"{endpoint.host}:{endpoint.port}", got.state,
-                                   got.sqlstate, got.authenticated))
-        if got.state not in _PROBE_STOPS:
-            break
+                                   got.sqlstate, got.authenticated,
+                                   getattr(got, "standby", None)))
+        if got.state not in _PROBE_STOPS and not getattr(got, "standby", None):
+            break  # a standby is passed over, as a read-write connection string does
     return answers

@@ -7,6 +7,7 @@ carries them out. ``docs/concepts.md`` explains them for users.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -229,6 +230,8 @@ class ProbeAnswer:
     sqlstate: str | None = None
     #: The probe got past authentication (the login itself works).
     authenticated: bool = False
+    #: The server said it is a standby (``in_hot_standby``); None: not known.
+    standby: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -244,6 +247,12 @@ class LoginVerdict:
 
 #: The rule of a failed connect to a server that is up.
 SERVER_UP = "connect failed, server up"
+
+#: libpq's messages when ``target_session_attrs`` found no suitable server (libpq 14+:
+#: read-write, read-only, primary, standby; older: "could not make a writable ...").
+_STANDBY_TEXT = re.compile(
+    r"session is read-only|session is not read-only|server is in hot standby mode|"
+    r"server is not in hot standby mode|could not make a writable connection")
 
 
 def is_login_question(failure: Failure) -> bool:
@@ -263,7 +272,25 @@ def first_connect_failure(
     if not is_login_question(failure):
         return LoginVerdict(failure)
     said = f" Driver said: {driver_text}" if driver_text else ""
+    if answers and all(a.state in ("refused", "timeout", "unreachable") or a.standby
+                       for a in answers) and any(a.standby for a in answers):
+        # Only standbys answer (a replica cluster between the primary's loss and the
+        # promotion; a read-write connection string skips them): wait for a primary.
+        where = ", ".join(a.endpoint for a in answers if a.standby)
+        return LoginVerdict(replace(
+            failure, kind=Kind.CONNECT_FAILED, retryable=True,
+            message=f"no writable server yet: only standbys answer ({where}).{said}"),
+            nobody_answers=True)
+    if _STANDBY_TEXT.search(driver_text):
+        # libpq's own words for target_session_attrs found no server of the kind
+        # asked for (the probe could not log in to see it): a failover in progress.
+        return LoginVerdict(replace(
+            failure, kind=Kind.CONNECT_FAILED, retryable=True,
+            message=f"no server of the kind the connection string asks for "
+                    f"(target_session_attrs) answers yet.{said}"), nobody_answers=True)
     for answer in answers:
+        if answer.standby:
+            continue  # not the kind of server asked for: the next one decides
         if answer.state == "error" and answer.sqlstate:
             rule = lookup(answer.sqlstate)
             what = f"{answer.sqlstate} ({rule.condition}): {rule.why}"

@@ -66,9 +66,14 @@ class ProbeResult:
     #: and ``"accepting"`` means a whole session opened. False for ``"accepting"`` means
     #: the server asked for a password the probe did not (or could not) give.
     authenticated: bool = False
+    #: The server's ``in_hot_standby`` report (PostgreSQL 14+), seen once a session
+    #: opened: True for a standby (which a read-write connection string skips), None
+    #: when not seen.
+    standby: bool | None = None
 
     def __str__(self) -> str:
-        return f"{self.state} {self.sqlstate}" if self.sqlstate else self.state
+        text = f"{self.state} {self.sqlstate}" if self.sqlstate else self.state
+        return text + " (standby)" if self.standby else text
 
 
 def probe(
@@ -187,6 +192,7 @@ def _answer(sock: socket.socket, credentials: _Credentials | None = None) -> Pro
     authenticated = False
     answered = False  # a password response was sent: only one per probe
     scram: ScramClient | None = None
+    standby: bool | None = None
     while True:
         head = _read_exactly(sock, 5)
         kind, length = head[:1], struct.unpack("!i", head[1:])[0]
@@ -195,7 +201,12 @@ def _answer(sock: socket.socket, credentials: _Credentials | None = None) -> Pro
             return ProbeResult("error", _error_field(body, b"C"), authenticated)
         if kind == b"Z":  # ReadyForQuery: a whole session was opened
             _terminate(sock)
-            return ProbeResult("accepting", authenticated=authenticated)
+            return ProbeResult("accepting", authenticated=authenticated, standby=standby)
+        if kind == b"S" and authenticated:  # ParameterStatus: name NUL value NUL
+            name, _, rest = body.partition(b"\0")
+            if name == b"in_hot_standby":
+                standby = rest.split(b"\0", 1)[0] == b"on"
+            continue
         if kind == b"R":
             code = struct.unpack("!i", body[:4])[0] if len(body) >= 4 else -1
             if code == _AUTH_OK and not authenticated:

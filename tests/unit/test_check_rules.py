@@ -47,6 +47,8 @@ GOOD = ServerFacts(
     may_xact_status=True,
     may_terminate_backend=True,
     wal_directory="/shared/data/pg_wal",
+    ledger_access="UISD",
+    ledger_read=True,
 )
 
 
@@ -75,8 +77,27 @@ def test_the_findings_and_their_order_are_fixed() -> None:
         "restart_after_crash", "port", "data_directory", "wal_directory",
         "keystore_location", "synchronous_commit", "fsync", "full_page_writes",
         "tcp_keepalives", "idle_session_timeout", "pg_xact_status", "pg_terminate_backend",
-        "read_only",
+        "read_only", "commit_ledger",
     ]
+
+
+@pytest.mark.parametrize(("access", "status", "says"), [
+    ("UISD", "ok", "usable and pruned"),
+    ("UIS", "warn", "may not prune"),
+    ("U", "warn", "INSERT on symfo_failover.ledger"),
+    ("", "warn", "USAGE on schema symfo_failover"),
+    (None, "warn", "ledger install"),
+])
+def test_the_commit_ledger_is_checked_for_this_role(access: str | None, status: str,
+                                                    says: str) -> None:
+    found = finding(facts(ledger_access=access), "commit_ledger")
+    assert found.status == status
+    assert says in f"{found.value} {found.why}"
+    assert found.guide is None  # not the vendor guide's
+
+
+def test_an_unreadable_ledger_is_not_guessed() -> None:
+    assert finding(facts(ledger_read=False), "commit_ledger").status == "info"
 
 
 @pytest.mark.parametrize(

@@ -203,6 +203,14 @@ B = "10.0.0.2:5432"
         (_connect_failed, [ProbeAnswer(A, "accepting")], None, False, True, False),
         # No endpoint known (an ODBC DSN): nothing to ask, nothing said.
         (_connect_failed, [], None, True, False, False),
+        # A replica cluster between losing its primary and the promotion: only a
+        # standby answers a read-write connection string. Wait for a primary.
+        (_connect_failed, [ProbeAnswer(A, "refused"),
+                           ProbeAnswer(B, "accepting", None, True, standby=True)],
+         None, True, False, True),
+        # A standby and a primary that refuses the login: the login is at fault.
+        (_connect_failed, [ProbeAnswer(A, "accepting", None, True, standby=True),
+                           ProbeAnswer(B, "error", "28P01")], "28P01", False, False, False),
     ],
 )
 def test_a_failed_first_connect_is_decided_by_the_servers_answer(
@@ -222,6 +230,20 @@ def test_a_failed_first_connect_is_decided_by_the_servers_answer(
     if sqlstate == "3D000":
         assert "28P01" not in verdict.failure.message
         assert "authentication" not in verdict.failure.message.lower()
+
+
+@pytest.mark.parametrize("text", [
+    'connection to server at "127.0.0.1", port 5433 failed: session is read-only',
+    'connection to server at "127.0.0.1", port 5433 failed: server is in hot standby mode',
+    "could not make a writable connection to server",
+])
+def test_libpqs_words_for_no_writable_server_mean_wait(text: str) -> None:
+    # The probe could not log in to see in_hot_standby (e.g. no password to give).
+    verdict = first_connect_failure(_connect_failed(), [ProbeAnswer(A, "accepting")],
+                                    driver_text=text)
+    assert verdict.failure.retryable
+    assert not verdict.try_again_now
+    assert "target_session_attrs" in verdict.failure.message
 
 
 def test_other_failures_are_not_a_login_question() -> None:
