@@ -538,7 +538,8 @@ def _read(target: Target, connect_timeout: float) -> ServerFacts:
                          "settings; is it failing over? Run the check again.") from None
 
 
-def _why_no_connection(target: Target, exc: psycopg.Error, timeout: int) -> str:
+def _why_no_connection(target: Target, exc: psycopg.Error, timeout: int,
+                       what: str = "check") -> str:
     """Why the connect failed, in words, from the server's SQLSTATE (the probe asks it
     again: psycopg gives none on a failed connect, and its text is in the server's
     language). Only where no endpoint's answer says it, psycopg's own message."""
@@ -546,7 +547,7 @@ def _why_no_connection(target: Target, exc: psycopg.Error, timeout: int) -> str:
     if not reasons:
         text = " ".join(str(exc).split())  # libpq's message is several lines
         reasons = [_redact(text, str(target.connect_args.get("conninfo", "")), target.password)]
-    return f"cannot check {describe(target)}: {'; '.join(reasons)}"
+    return f"cannot {what} {describe(target)}: {'; '.join(reasons)}"
 
 
 def _why_not(target: Target, endpoint: Endpoint, timeout: int) -> str | None:

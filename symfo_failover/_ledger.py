@@ -124,17 +124,24 @@ def prune_sql(retention: float, batch: int = PRUNE_BATCH) -> str:
     the count. The token range makes it cheap (the primary key); the ``created``
     filter makes it safe against client clocks that run behind (only the server's clock
     decides). Formatted, not bound: both values are numbers the library checked."""
-    seconds = int(retention)
-    if seconds < 1 or int(batch) < 1:
+    if int(batch) < 1:
         raise ValueError("retention and batch must be positive")
-    cutoff = f"now() - interval '{seconds} seconds'"
     return (
         f"WITH gone AS (DELETE FROM {TABLE} WHERE ctid = ANY(ARRAY("
-        f"SELECT ctid FROM {TABLE} WHERE token < (lpad(to_hex((extract(epoch FROM "
-        f"{cutoff}) * 1000)::bigint), 12, '0') || '00000000000000000000')::uuid "
-        f"AND created < {cutoff} LIMIT {int(batch)})) RETURNING 1) "
-        "SELECT count(*) FROM gone"
+        f"SELECT ctid FROM {TABLE} WHERE {prune_condition(retention)} "
+        f"LIMIT {int(batch)})) RETURNING 1) SELECT count(*) FROM gone"
     )
+
+
+def prune_condition(retention: float) -> str:
+    """Which tokens a prune deletes: made before the cutoff by their own time (the
+    primary key's range) *and* inserted before it by the server's clock."""
+    seconds = int(retention)
+    if seconds < 1:
+        raise ValueError("retention and batch must be positive")
+    cutoff = f"now() - interval '{seconds} seconds'"
+    return (f"token < (lpad(to_hex((extract(epoch FROM {cutoff}) * 1000)::bigint), 12, '0') "
+            f"|| '00000000000000000000')::uuid AND created < {cutoff}")
 
 
 #: The ledger's privileges for the session's role, read with the session's facts in the

@@ -84,7 +84,7 @@ def _session(conninfo: Any) -> Iterator[Any]:
     except psycopg.Error as exc:
         from ._report import InputError
 
-        raise InputError(_why_no_connection(target, exc, 5)) from None
+        raise InputError(_why_no_connection(target, exc, 5, "connect to")) from None
     with conn:
         yield conn
 
@@ -122,11 +122,12 @@ def install_ledger(conninfo: Any, *, grant_to: str | Sequence[str] | None = None
                          grants=granted or template)
 
 
-_STATUS_SQL = (
-    f"SELECT count(*), min(created)::text, max(created)::text, "
-    f"pg_total_relation_size('{lg.TABLE}'), "
-    f"count(*) FILTER (WHERE created < now() - make_interval(secs => %s)) FROM {lg.TABLE}"
-)
+def _status_sql(retention: float) -> str:
+    # "prunable" counts exactly what `_ledger.prune_sql` would delete (both conditions).
+    where = lg.prune_condition(retention)
+    return (f"SELECT count(*), min(created)::text, max(created)::text, "
+            f"pg_total_relation_size('{lg.TABLE}'), count(*) FILTER (WHERE {where}) "
+            f"FROM {lg.TABLE}")
 
 _ROLES_SQL = (
     "SELECT DISTINCT grantee FROM information_schema.role_table_grants "
@@ -147,7 +148,7 @@ def ledger_status(conninfo: Any, *, retention: float = lg.DEFAULT_RETENTION) -> 
             return LedgerStatus(installed=True, access=access, retention=retention,
                                 roles=roles)
         rows, oldest, newest, size, prunable = conn.execute(
-            _STATUS_SQL, (retention,)).fetchone()
+            _status_sql(retention)).fetchone()
         return LedgerStatus(installed=True, access=access, rows=rows, oldest=oldest,
                             newest=newest, size_bytes=size, prunable=prunable,
                             retention=retention, roles=roles)
