@@ -294,8 +294,8 @@ class _PooledRunner(AsyncResilientConnection[Any]):
         ops[_core.OP_INFO] = _info
         ops[_core.OP_APPLY_STATE] = _nothing
         ops[_core.OP_CONFIGURE] = _nothing  # psycopg_pool's configure ran at connect
-        ops[_core.OP_BEGIN] = lambda raw, state, token: driver.begin(
-            raw, raw._symfo_state, token)
+        ops[_core.OP_BEGIN] = lambda raw, state, *ledger: driver.begin(
+            raw, raw._symfo_state, *ledger)
         ops[_core.OP_PROBE] = _no_answers
         return ops
 

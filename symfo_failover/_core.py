@@ -81,8 +81,9 @@ OP_INFO = 2  # (raw,) -> SessionInfo
 OP_END_SESSION = 3  # (raw, SessionInfo) -> bool: fence an old session of ours
 OP_APPLY_STATE = 4  # (raw, SessionState) -> None
 OP_CONFIGURE = 5  # (raw,) -> None: the application's configure(raw)
-OP_BEGIN = 6  # (raw, SessionState, token) -> the transaction id (None when read-only or
-#               with a ledger token, which is inserted in the same message instead)
+OP_BEGIN = 6  # (raw, SessionState, token, how) -> the transaction id (None when read-only
+#               or with a ledger token, which is inserted in the same message instead;
+#               ``how``: `_ledger.How`)
 OP_UNIT = 7  # (job, lent) -> the unit's result: the runner calls (or awaits) it
 OP_COMMIT = 8  # (raw,) -> None
 OP_ROLLBACK = 9  # (raw,) -> None
@@ -473,19 +474,30 @@ class Core:
         result: Any = _NOTHING
         guard = UnitGuard(self.contract_error)
         token = self.token_for(call)
+        ledger = self.link.info.ledger if token is not None and self.link.info else None
         try:
+            how: lg.How = ("literal" if ledger is None
+                           else "execute" if ledger.prepared else "prepare")
             try:
-                call.xid = xid = yield (OP_BEGIN, raw, self.state, token)
+                call.xid = xid = yield (OP_BEGIN, raw, self.state, token, how)
             except driver.error as exc:
-                if token is None or driver.is_broken(raw) or \
-                        classify(exc, connection=raw).sqlstate not in lg.MISSING:
+                code = classify(exc, connection=raw).sqlstate
+                if ledger is None or driver.is_broken(raw) or code not in lg.BEGIN_AGAIN:
                     raise
-                # The table was dropped or a privilege revoked since the session was
-                # made: nothing of the unit ran (M1). Without the ledger from now on.
+                # Nothing of the unit ran (M1): roll back and begin again, once.
                 yield from self.rollback_quietly(raw)
-                self.ledger_gone(call, exc)
-                token = None
-                call.xid = xid = yield (OP_BEGIN, raw, self.state, None)
+                if code in lg.MISSING:
+                    # The table was dropped or a privilege revoked since the session
+                    # was made. Without the ledger from now on.
+                    self.ledger_gone(call, exc)
+                    token, ledger, how = None, None, "literal"
+                else:
+                    # The session's prepared insert was deallocated (DISCARD ALL), or
+                    # is there already (an earlier BEGIN message that prepared it).
+                    how = "execute" if code == lg.STATEMENT_THERE else "prepare"
+                call.xid = xid = yield (OP_BEGIN, raw, self.state, token, how)
+            if ledger is not None:
+                ledger.prepared = True
             lent = driver.lend(raw, guard)
             link.guard = guard
             try:

@@ -23,7 +23,7 @@ from psycopg.pq import ConnStatus, DiagnosticField, ExecStatus, TransactionStatu
 from . import _sqlstates as table
 from . import _target as _t
 from ._contract import UnitGuard
-from ._ledger import claim_sql, prune_sql
+from ._ledger import How, claim_sql, prune_sql
 
 if TYPE_CHECKING:
     from psycopg.pq.abc import PGresult
@@ -475,11 +475,11 @@ class PsycopgDriver(_PsycopgFacts["GuardedConnection"], _t.DriverBase["GuardedCo
         raw.autocommit = value
 
     def begin(self, raw: GuardedConnection, state: _t.SessionState,
-              token: str | None = None) -> str | None:
+              token: str | None = None, how: How = "literal") -> str | None:
         # Straight through libpq: psycopg's cursor machinery costs more than the
         # round trip on a fast network (DESIGN §5). PQexec returns the last result.
         want_xid = token is None and not state.read_only
-        result = raw.pgconn.exec_(_t.begin_sql_bytes(state, want_xid, token))
+        result = raw.pgconn.exec_(_t.begin_sql_bytes(state, want_xid, token, how))
         return _begun(raw, result, want_xid)
 
     def claim(self, raw: GuardedConnection, token: str, lock_timeout_ms: int) -> None:
@@ -558,11 +558,11 @@ class AsyncPsycopgDriver(_PsycopgFacts["GuardedAsyncConnection"]):
         await psycopg.AsyncConnection.set_autocommit(raw, value)
 
     async def begin(self, raw: GuardedAsyncConnection, state: _t.SessionState,
-                    token: str | None = None) -> str | None:
+                    token: str | None = None, how: How = "literal") -> str | None:
         # As the sync adapter: one simple-protocol round trip past the cursor machinery,
         # under the connection's lock as psycopg's own commands are.
         want_xid = token is None and not state.read_only
-        results = await self._simple(raw, _t.begin_sql_bytes(state, want_xid, token))
+        results = await self._simple(raw, _t.begin_sql_bytes(state, want_xid, token, how))
         for each in results[:-1]:
             if each.status not in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK):
                 raise _error(raw, each)

@@ -20,7 +20,7 @@ import pyodbc
 from . import _sqlstates as table
 from . import _target as _t
 from ._contract import UnitGuard
-from ._ledger import claim_sql
+from ._ledger import How, claim_sql
 
 _SQLSTATE = re.compile(r"[0-9A-Z]{5}")
 _SQL_ATTR_CONNECTION_DEAD = 1209
@@ -381,9 +381,9 @@ class PyodbcDriver(_t.DriverBase["pyodbc.Connection"]):
         raw.autocommit = state.autocommit
 
     def begin(self, raw: pyodbc.Connection, state: _t.SessionState,
-              token: str | None = None) -> str | None:
+              token: str | None = None, how: How = "literal") -> str | None:
         want_xid = token is None and not state.read_only
-        cur = raw.execute(_t.begin_sql(state, want_xid, token))
+        cur = raw.execute(_t.begin_sql(state, want_xid, token, how))
         if not want_xid:
             return None
         cur.nextset()

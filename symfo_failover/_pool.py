@@ -279,8 +279,8 @@ class FailoverPool(FailoverBookkeeping, ConnectionPool[CT]):
                               # settings are configure's (psycopg_pool ran it then).
                               _core.OP_INFO: lambda raw: raw._symfo_info,
                               _core.OP_APPLY_STATE: nothing,
-                              _core.OP_BEGIN: lambda raw, state, token: driver.begin(
-                                  raw, raw._symfo_state, token),
+                              _core.OP_BEGIN: lambda raw, state, *ledger: driver.begin(
+                                  raw, raw._symfo_state, *ledger),
                           })
 
     def _lend(self) -> CT:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from ._ledger import ACCESS_SQL, LedgerState, insert_sql, prune_sql
+from ._ledger import ACCESS_SQL, How, LedgerState, ledger_sql, prune_sql
 
 if TYPE_CHECKING:
     from ._contract import UnitGuard
@@ -134,7 +134,8 @@ class Driver(Facts[R], Protocol[R]):
     def connect(self, target: Target) -> R: ...
     def session_info(self, raw: R) -> SessionInfo: ...
     def apply_state(self, raw: R, state: SessionState) -> None: ...
-    def begin(self, raw: R, state: SessionState, token: str | None = None) -> str | None: ...
+    def begin(self, raw: R, state: SessionState, token: str | None = None,
+              how: How = "literal") -> str | None: ...
     def claim(self, raw: R, token: str, lock_timeout_ms: int) -> None: ...
     def prune(self, raw: R, retention: float, batch: int) -> int: ...
     def commit(self, raw: R) -> None: ...
@@ -154,7 +155,7 @@ class AsyncDriver(Facts[R], Protocol[R]):
     async def session_info(self, raw: R) -> SessionInfo: ...
     async def apply_state(self, raw: R, state: SessionState) -> None: ...
     async def begin(self, raw: R, state: SessionState,
-                    token: str | None = None) -> str | None: ...
+                    token: str | None = None, how: How = "literal") -> str | None: ...
     async def claim(self, raw: R, token: str, lock_timeout_ms: int) -> None: ...
     async def prune(self, raw: R, retention: float, batch: int) -> int: ...
     async def commit(self, raw: R) -> None: ...
@@ -220,12 +221,13 @@ def xact_status_of(row: Row | None) -> str | None:
     return None if row is None or row[0] is None else str(row[0])
 
 
-def begin_sql_bytes(state: SessionState, want_xid: bool, token: str | None = None) -> bytes:
+def begin_sql_bytes(state: SessionState, want_xid: bool, token: str | None = None,
+                    how: How = "literal") -> bytes:
     """`begin_sql`, encoded (for libpq), made once per distinct state; with a ledger
     token, its insert follows in the same message (instead of reading the id)."""
     if token is not None:
         return _begin_bytes(state.isolation_level, state.read_only, False) + b"; " + \
-            insert_sql(token).encode()
+            ledger_sql(token, how).encode()
     return _begin_bytes(state.isolation_level, state.read_only, want_xid)
 
 
@@ -234,12 +236,13 @@ def _begin_bytes(isolation_level: str | None, read_only: bool | None, want_xid: 
     return _begin_sql(isolation_level, read_only, want_xid).encode()
 
 
-def begin_sql(state: SessionState, want_xid: bool, token: str | None = None) -> str:
+def begin_sql(state: SessionState, want_xid: bool, token: str | None = None,
+              how: How = "literal") -> str:
     """The one message that opens a unit's transaction: BEGIN, and the reading of its
     id or the insert of its ledger token."""
     if token is not None:
         return _begin_sql(state.isolation_level, state.read_only, False) + "; " + \
-            insert_sql(token)
+            ledger_sql(token, how)
     return _begin_sql(state.isolation_level, state.read_only, want_xid)
 
 

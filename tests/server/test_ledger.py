@@ -501,6 +501,25 @@ def test_auto_with_the_ledger_one_row_per_read_write_unit(driver: str, ledger_db
     assert not rec.of(sf.LedgerNotUsed)
 
 
+def test_a_prepared_insert_discarded_by_the_application_is_prepared_again(
+    driver: str, ledger_db: Db,
+) -> None:
+    # The ledger's insert is prepared once per session; DISCARD ALL (a pool's reset, an
+    # application's own) deallocates it: the next unit prepares it again, same token.
+    rec = Recorder()
+    with connect(ledger_db.conninfo(driver), driver=driver, policy=FAST, on_event=rec) as rc:
+        rc.run(Insert("before"))
+        rc.autocommit = True
+        rc.execute("DISCARD ALL")
+        rc.autocommit = False
+        rc.run(Insert("after"))
+        rc.run(Insert("again"))
+    assert [ledger_db.items(e) for e in ("before", "after", "again")] == [1, 1, 1]
+    assert ledger_db.ledger_rows() == 3
+    assert not rec.of(sf.LedgerNotUsed)
+    assert not rec.of(sf.FailureDetected)
+
+
 def test_off_never_touches_the_ledger(driver: str, ledger_db: Db) -> None:
     ledger_db.add_tokens(2, token_age=7200, created_age=7200)
     rec = Recorder()

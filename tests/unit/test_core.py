@@ -396,7 +396,7 @@ def test_a_unit_begins_runs_and_commits_and_the_next_one_pays_only_that() -> Non
     assert h.drive(h.core.run(unit.job), [SWITCH, *committing("100")]) == "paid"
     assert h.ops == ["AUTOCOMMIT", "BEGIN", "UNIT", "COMMIT"]
     assert h.trace[0] == (OP_AUTOCOMMIT, s1, True)
-    assert h.trace[1] == (OP_BEGIN, s1, h.core.state, None)
+    assert h.trace[1] == (OP_BEGIN, s1, h.core.state, None, "literal")
     assert h.trace[2] == (OP_UNIT, unit.job, s1)
     assert h.trace[3] == (OP_COMMIT, s1)
     assert unit.calls == [s1]

@@ -210,6 +210,36 @@ def test_a_read_write_unit_inserts_a_fresh_token_in_its_begin() -> None:
     assert h.ops == ["BEGIN", "UNIT", "COMMIT"]  # no round trip of its own
 
 
+def test_the_first_begin_of_a_session_prepares_the_insert_and_the_next_ones_execute_it(
+) -> None:
+    h, _ = connected()
+    for _ in range(2):
+        h.drive(h.core.run(Unit().job), [ok(OP_BEGIN), ok(OP_UNIT), ok(OP_COMMIT)]
+                if h.trace else [SWITCH, ok(OP_BEGIN), ok(OP_UNIT), ok(OP_COMMIT)])
+    assert [op[4] for op in h.trace if op[0] == OP_BEGIN] == ["prepare", "execute"]
+    sql = lg.ledger_sql(lg.new_token(), "prepare")
+    assert sql.startswith(f"PREPARE {lg.PREPARED}(uuid) AS INSERT INTO symfo_failover.ledger")
+    assert "EXECUTE" in lg.ledger_sql("0" * 32, "execute")
+
+
+@pytest.mark.parametrize(("code", "again"), [("26000", "prepare"), ("42P05", "execute")])
+def test_a_prepared_insert_that_is_gone_or_there_already_is_begun_again(code: str,
+                                                                         again: str) -> None:
+    # 26000: DISCARD ALL / DEALLOCATE took it; 42P05: an earlier message prepared it.
+    h, _ = connected()
+    ledger = h.core.link.info.ledger
+    ledger.prepared = code == "26000"
+    unit = Unit()
+    script = [SWITCH, fail(OP_BEGIN, sqlstate(code), lost=False), ok(OP_ROLLBACK),
+              ok(OP_BEGIN), ok(OP_UNIT), ok(OP_COMMIT)]
+    assert h.drive(h.core.run(unit.job), script) == "done"
+    begins = [op for op in h.trace if op[0] == OP_BEGIN]
+    assert begins[1][4] == again
+    assert begins[0][3] == begins[1][3]  # the same token
+    assert len(unit.calls) == 1
+    assert ledger.prepared
+
+
 def test_a_read_only_unit_has_no_token() -> None:
     h, _ = connected(state=SessionState(read_only=True))
     h.drive(h.core.run(Unit().job), [SWITCH, ok(OP_BEGIN), ok(OP_UNIT), ok(OP_COMMIT)])
