@@ -49,6 +49,8 @@ class Transition:
     ``listening_at``: the new node's server listened but did not yet accept sessions
     (clients got 57P03); set by `BaseCluster.failover` with a startup delay.
     ``accepting_at``: the access point accepted sessions again (None: left down).
+    ``streaming_at``: a streaming-replica cluster only (`ReplicaCluster`): its standby
+    streamed from the primary again (None: no standby, or not that kind of cluster).
     """
 
     scenario: str
@@ -58,6 +60,7 @@ class Transition:
     down_at: float | None = None
     listening_at: float | None = None
     accepting_at: float | None = None
+    streaming_at: float | None = None
 
     @property
     def downtime(self) -> float | None:

@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -43,6 +44,10 @@ _START_ATTEMPTS = 5
 _FAST_TMP = Path("/dev/shm")
 _FAST_TMP_MIN_FREE = 1 << 30
 _KILL_GRACE = 2.0
+# ControlFileData starts with system_identifier (8 bytes), pg_control_version and
+# catalog_version_no (4 each), then the DBState enum, in the machine's byte order.
+_CONTROL_STATE_OFFSET = 16
+_DB_IN_PRODUCTION = 6
 
 
 class ServerError(RuntimeError):
@@ -353,6 +358,7 @@ class LocalServer:
         self._shm_cmd: list[str] | None = None
         self._ever_started = False
         self._hold = False
+        self._standby = False
         self._closed = False
         self._workdir = _workspace.new_dir("server-", self._os_user)
         try:
@@ -418,7 +424,9 @@ class LocalServer:
 
     # --- control ---
 
-    def start(self, *, timeout: float = 30, hold_in_recovery: bool = False) -> float:
+    def start(
+        self, *, timeout: float = 30, hold_in_recovery: bool = False, standby: bool = False
+    ) -> float:
         """Start the postmaster and wait until it accepts connections.
 
         Returns the ``time.monotonic()`` at which it was seen accepting.
@@ -427,12 +435,19 @@ class LocalServer:
         connections (clients get 57P03, "not accepting connections", as from a server
         still in crash recovery after a failover) and stays so until :meth:`promote`.
         Then this returns as soon as the postmaster listens.
+
+        With ``standby`` the server starts as a hot standby (``standby.signal``; set
+        ``primary_conninfo`` in :attr:`settings` to stream from a primary) and this
+        returns once it accepts read-only sessions; :meth:`promote` ends the recovery.
         """
         self._check_open()
         if self.running:
             raise ServerError(f"{self!r} is already running")
+        if hold_in_recovery and standby:
+            raise ValueError("hold_in_recovery and standby exclude each other")
         self._hold = hold_in_recovery
-        if hold_in_recovery:
+        self._standby = standby
+        if hold_in_recovery or standby:
             signal_file = self.data_dir / "standby.signal"
             signal_file.touch()
             _chown_tree(signal_file, self._os_user)
@@ -512,8 +527,8 @@ class LocalServer:
         """End a :meth:`start` held in recovery: the server finishes recovery and accepts
         connections. Returns the ``time.monotonic()`` at which it does."""
         pid = self.postmaster_pid
-        if pid is None or not self._hold:
-            raise ServerError(f"{self!r} is not running held in recovery")
+        if pid is None or not (self._hold or self._standby):
+            raise ServerError(f"{self!r} is not running held in recovery or as a standby")
         # pg_ctl writes promote.signal and signals the postmaster; doing the same by hand
         # from here was not acted on, so the supported tool is used. It refuses ("not in
         # standby mode") until the startup process has marked the control file as in
@@ -538,12 +553,20 @@ class LocalServer:
             if "not in standby mode" not in said or time.monotonic() > deadline:
                 raise ServerError(f"pg_ctl promote failed: {said}")
             time.sleep(0.02)
-        if not _wait_for(lambda: self._pidfile_status(pid) == "ready", timeout):
+        if self._standby:
+            # A hot standby's postmaster.pid already says "ready"; the control file says
+            # "in production" once recovery ended (what `pg_ctl promote -w` waits for).
+            def promoted() -> bool:
+                return self._control_state() == _DB_IN_PRODUCTION
+        else:
+            def promoted() -> bool:
+                return self._pidfile_status(pid) == "ready"
+        if not _wait_for(promoted, timeout):
             raise ServerError(
                 f"{self!r} did not finish recovery within {timeout}s; "
                 f"server log {self.log_path}:\n{self._log_tail(0)}"
             )
-        self._hold = False
+        self._hold = self._standby = False
         return time.monotonic()
 
     def kill_backend(self, pid: int) -> None:
@@ -617,6 +640,8 @@ class LocalServer:
         settings.update(self.settings)
         if self._hold:
             settings["hot_standby"] = "off"
+        elif self._standby:
+            settings["hot_standby"] = "on"
         argv = [str(self.bindir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port)]
         for name, value in settings.items():
             argv += ["-c", f"{name}={value}"]
@@ -650,6 +675,7 @@ class LocalServer:
             # the pid check ignores a stale file left by a killed postmaster.
             status = self._pidfile_status(proc.pid)
             # "starting" is written once the sockets listen; a held standby stays there.
+            # (A hot standby writes "ready" once it accepts read-only sessions.)
             if status == "ready" or (self._hold and status in ("starting", "standby")):
                 ready_at = time.monotonic()
                 self._watch_shared_memory(proc.pid)
@@ -670,6 +696,17 @@ class LocalServer:
         if len(lines) < 8 or lines[0].strip() != str(pid):
             return None
         return lines[7].strip()
+
+    def _control_state(self) -> int | None:
+        """The cluster state (DBState) in global/pg_control, or None if unreadable."""
+        try:
+            with open(self.data_dir / "global" / "pg_control", "rb") as f:
+                head = f.read(_CONTROL_STATE_OFFSET + 4)
+        except OSError:
+            return None
+        if len(head) < _CONTROL_STATE_OFFSET + 4:
+            return None
+        return int.from_bytes(head[_CONTROL_STATE_OFFSET:], sys.byteorder)
 
     def _watch_shared_memory(self, pid: int) -> None:
         # PostgreSQL's small System V segment outlives a SIGKILLed server; a later start on

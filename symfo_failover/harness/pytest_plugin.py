@@ -6,6 +6,8 @@ Installed with the package and loaded by pytest automatically (entry point
 - ``symfo_cluster``: a started two-node cluster (``LocalCluster``, or
   ``ContainerCluster`` with ``--symfo-backend=container``);
 - ``symfo_server``: a started single ``LocalServer``;
+- ``symfo_replica_cluster``: a started ``ReplicaCluster``, a primary (node-a) and a
+  synchronous streaming standby (node-b), on two loopback ports;
 - ``symfo_proxy``: a started ``FaultProxy`` in front of ``symfo_cluster``'s access point;
 - ``symfo_partition``: a ``Partition`` of ``symfo_cluster``'s access point, not yet
   started, healed at the end (skipped where a kernel partition cannot be made).
@@ -32,6 +34,7 @@ import pytest
 
 from ._cluster import BaseCluster, LocalCluster
 from ._partition import Partition, partition_available
+from ._replica import ReplicaCluster
 from ._server import LocalServer
 
 if TYPE_CHECKING:
@@ -113,6 +116,21 @@ def symfo_server() -> Iterator[LocalServer]:
     with LocalServer() as server:
         server.start()
         yield server
+
+
+@pytest.fixture
+def symfo_replica_cluster() -> Iterator[ReplicaCluster]:
+    """A primary (node-a) and a synchronous streaming standby (node-b), started.
+
+    Always local processes (``--symfo-backend`` does not apply). Connect with
+    ``symfo_replica_cluster.conninfo()``, libpq's multi-host string that lands on the
+    primary (psycopg: needs ``pip install 'symfo-failover[psycopg]'``), or
+    ``odbc_connection_string()`` (``pip install 'symfo-failover[odbc]'``). For other
+    options (asynchronous, ``synchronous_commit``), use ``ReplicaCluster`` directly.
+    """
+    with ReplicaCluster() as cluster:
+        cluster.start()
+        yield cluster
 
 
 @pytest.fixture

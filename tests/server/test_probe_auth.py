@@ -223,10 +223,10 @@ def test_scram_right_password_opens_a_session(
     scram_server: LocalServer, methods: list[str]
 ) -> None:
     result = _ask(scram_server, password=PASSWORD)
-    assert result == ProbeResult("accepting", None, authenticated=True)
+    assert result == ProbeResult("accepting", None, authenticated=True, standby=False)
     assert methods == ["scram"]
     assert _ask(scram_server, user="alice", password=ALICE_PASSWORD, database="appdb") == (
-        ProbeResult("accepting", None, authenticated=True)
+        ProbeResult("accepting", None, authenticated=True, standby=False)
     )
 
 
@@ -362,9 +362,9 @@ def test_a_japanese_server_gives_the_same_sqlstates(ja_locale: str) -> None:
 
 
 def test_md5_right_password_opens_a_session(md5_server: LocalServer, methods: list[str]) -> None:
-    assert _ask(md5_server, password=PASSWORD) == ProbeResult("accepting", authenticated=True)
+    assert _ask(md5_server, password=PASSWORD) == ProbeResult("accepting", authenticated=True, standby=False)
     assert _ask(md5_server, user="alice", password=ALICE_PASSWORD) == (
-        ProbeResult("accepting", authenticated=True)
+        ProbeResult("accepting", authenticated=True, standby=False)
     )
     assert methods == ["md5", "md5"]
 
@@ -407,7 +407,7 @@ def test_trust_missing_database_is_3d000_as_before(
         assert _ask(trust_server, password=password, user="ghost") == (
             ProbeResult("error", "28000", authenticated=True)
         )
-        assert _ask(trust_server, password=password) == ProbeResult("accepting", None, True)
+        assert _ask(trust_server, password=password) == ProbeResult("accepting", None, True, standby=False)
     assert methods == []
 
 
