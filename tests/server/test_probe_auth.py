@@ -362,7 +362,8 @@ def test_a_japanese_server_gives_the_same_sqlstates(ja_locale: str) -> None:
 
 
 def test_md5_right_password_opens_a_session(md5_server: LocalServer, methods: list[str]) -> None:
-    assert _ask(md5_server, password=PASSWORD) == ProbeResult("accepting", authenticated=True, standby=False)
+    assert _ask(md5_server, password=PASSWORD) == ProbeResult(
+        "accepting", authenticated=True, standby=False)
     assert _ask(md5_server, user="alice", password=ALICE_PASSWORD) == (
         ProbeResult("accepting", authenticated=True, standby=False)
     )
@@ -407,7 +408,8 @@ def test_trust_missing_database_is_3d000_as_before(
         assert _ask(trust_server, password=password, user="ghost") == (
             ProbeResult("error", "28000", authenticated=True)
         )
-        assert _ask(trust_server, password=password) == ProbeResult("accepting", None, True, standby=False)
+        assert _ask(trust_server, password=password) == ProbeResult(
+            "accepting", None, True, standby=False)
     assert methods == []
 
 

@@ -31,8 +31,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import signal
 import random
+import signal
 import threading
 import time
 import uuid
@@ -371,7 +371,8 @@ def replica() -> Iterator[ReplicaCluster]:
 def test_the_probe_tells_a_standby_from_a_primary(replica: ReplicaCluster) -> None:
     from symfo_failover.harness import probe
 
-    assert replica.primary is not None and replica.standby is not None
+    assert replica.primary is not None
+    assert replica.standby is not None
     primary = replica.server(replica.primary)
     standby = replica.server(replica.standby)
     assert probe(primary.host, primary.port).standby is False
@@ -383,7 +384,8 @@ def test_a_first_connect_while_only_the_standby_answers_waits_for_its_promotion(
     replica: ReplicaCluster, driver: str,
 ) -> None:
     conninfo = replica.conninfo() if driver == "psycopg" else replica.odbc_connection_string()
-    assert replica.primary is not None and replica.standby is not None
+    assert replica.primary is not None
+    assert replica.standby is not None
     replica.server(replica.primary).kill_postmaster()
     events: list[sf.Event] = []
     got: list[Any] = []
@@ -401,12 +403,15 @@ def test_a_first_connect_while_only_the_standby_answers_waits_for_its_promotion(
     assert not got, f"connect() did not wait for a primary: {got}"
     replica.server(replica.standby).promote()
     opener.join(30)
-    assert len(got) == 1 and isinstance(got[0], sf.ResilientConnection), got
+    assert len(got) == 1, got
+    assert isinstance(got[0], sf.ResilientConnection), got
     with got[0] as rc:
-        assert rc.session is not None and not rc.session.in_recovery
+        assert rc.session is not None
+        assert not rc.session.in_recovery
         rc.run(lambda raw: raw.execute("INSERT INTO items VALUES ('after promotion')"))
     failures = [e for e in events if isinstance(e, sf.FailureDetected)]
-    assert failures and all(e.failure.retryable for e in failures)
+    assert failures
+    assert all(e.failure.retryable for e in failures)
 
 
 def test_a_read_write_unit_on_a_standby_is_a_wrong_server(replica: ReplicaCluster) -> None:
@@ -417,10 +422,12 @@ def test_a_read_write_unit_on_a_standby_is_a_wrong_server(replica: ReplicaCluste
     events: list[sf.Event] = []
     with sf.connect(conninfo, policy=sf.RetryPolicy(deadline=0.5), on_event=events.append
                     ) as rc:
-        assert rc.session is not None and rc.session.in_recovery
+        assert rc.session is not None
+        assert rc.session.in_recovery
         with pytest.raises(sf.RetriesExhausted, match="in recovery"):
             rc.run(lambda raw: raw.execute("INSERT INTO items VALUES ('never')"))
         rc.read_only = True
         assert rc.run(lambda raw: raw.execute("SELECT count(*) FROM items").fetchone()[0]) == 0
     wrong = [e for e in events if isinstance(e, sf.FailureDetected)]
-    assert wrong and all(e.failure.sqlstate == "25006" for e in wrong)
+    assert wrong
+    assert all(e.failure.sqlstate == "25006" for e in wrong)
