@@ -431,3 +431,31 @@ def test_a_read_write_unit_on_a_standby_is_a_wrong_server(replica: ReplicaCluste
     wrong = [e for e in events if isinstance(e, sf.FailureDetected)]
     assert wrong
     assert all(e.failure.sqlstate == "25006" for e in wrong)
+
+
+@pytest.mark.parametrize("kind", ["psycopg_pool", pytest.param("odbc_pool",
+                                                               marks=pytest.mark.odbc)])
+def test_a_pool_on_a_multi_host_string_follows_the_promotion(replica: ReplicaCluster,
+                                                             kind: str) -> None:
+    if kind == "psycopg_pool":
+        pool: Any = sf.FailoverPool(replica.conninfo(), min_size=2, open=True, policy=POLICY)
+    else:
+        pool = sf.OdbcFailoverPool(replica.odbc_connection_string(), min_size=2,
+                                   policy=POLICY)
+    insert = "INSERT INTO items VALUES (%s)" if kind == "psycopg_pool" else \
+        "INSERT INTO items VALUES (?)"
+
+    def add(raw: Any, name: str) -> None:
+        raw.execute(insert, (name,) if kind == "psycopg_pool" else name)
+
+    with pool:
+        pool.run(add, "before")
+        replica.failover(rejoin=False)
+        for i in range(3):
+            pool.run(add, f"after-{i}")
+        assert pool.failover_stats().failovers >= 1
+    with psycopg.connect(replica.conninfo()) as conn:
+        names = sorted(r[0] for r in conn.execute("SELECT name FROM items"))
+    # Asynchronous replication: "before" was acknowledged and is there once the standby
+    # had it; everything after the promotion is there exactly once.
+    assert [n for n in names if n.startswith("after")] == ["after-0", "after-1", "after-2"]
