@@ -621,99 +621,93 @@ class Core:
         raise exc
 
     def resolve(self, call: Call, raw: Any) -> Flow[tuple[bool, Any]]:
-        """Ask the server what became of the pending COMMIT (DESIGN §3)."""
-        pending = call.pending
-        assert pending is not None
-        if pending.token is not None:
-            return (yield from self.resolve_by_token(call, raw, pending.token))
-        assert pending.xid is not None
-        driver = self.driver
-        link = self.link
-        terminated = link.ended_old
-        info = link.info
-        restarted = (pending.session is None or info is None
-                     or pending.session.server_started != info.server_started)
-        resolution = Resolution.UNKNOWN
-        evidence = CommitEvidence(None, restarted)
-        for _ in range(2):
-            try:
-                status = yield (OP_XACT_STATUS, raw, pending.xid)
-                evidence = CommitEvidence(status, restarted)
-            except driver.error as exc:
-                failure = classify(exc, connection=raw)
-                if failure.reconnect or driver.is_broken(raw):
-                    yield from self.drop()
-                    call.failure = failure
-                    raise Again(failure, Phase.COMMIT) from exc
-                # e.g. the role may not call pg_xact_status: no answer
-            resolution = resolve_commit(evidence)
-            if resolution is not Resolution.END_OLD_SESSION or pending.session is None:
-                break
-            # Still running on the old session (a network break, the server never saw
-            # the session end): end it, so that it can never commit later, and ask again.
-            ended = yield from self.quietly((OP_END_SESSION, raw, pending.session))
-            terminated = bool(ended) or terminated
-        if resolution is Resolution.END_OLD_SESSION:
-            failure = replace(outcome_unknown_failure("the old session is still running"),
-                              kind=Kind.CONNECTION_LOST, retryable=True)
-            raise Again(failure, Phase.COMMIT)
-        self.emit(ev.CommitResolved, call, xid=pending.xid, status=evidence.status or "unknown",
-                  outcome=OUTCOME[resolution], terminated_old_session=terminated)
-        call.pending = None
-        if resolution is Resolution.COMMITTED:
-            return True, pending.result
-        if resolution is Resolution.UNKNOWN:
-            reason = unknown_outcome_reason(evidence, pending.xid)
-            cls = flavoured(CommitOutcomeUnknown, driver.operational_error)
-            raise cls(f"the outcome of COMMIT is unknown: {reason}",
-                      failure=outcome_unknown_failure(reason), xid=pending.xid)
-        return False, None
+        """Ask the server what became of the pending COMMIT (DESIGN §3): by the unit's
+        ledger token when it had one (every answer final), else by its transaction id.
 
-    def resolve_by_token(self, call: Call, raw: Any, token: str) -> Flow[tuple[bool, Any]]:
-        """The pending COMMIT, decided by the ledger: claim the unit's token again.
-
-        The old session was fenced when this one was made (or is on a server that is
-        gone). A claim that finds the row held is a session the fence missed: end it
-        and claim again. A claim is rolled back; the replay inserts the token itself.
+        An answer that the old session is still running (a network break, the server
+        never saw the session end) ends that session, so that it can never commit
+        later, and asks again; still running then, the next try asks again.
         """
         pending = call.pending
         assert pending is not None
-        driver = self.driver
+        token, xid = pending.token, pending.xid
+        if token is not None:
+            def ask() -> Flow[tuple[Resolution, str, str]]:
+                return self.ask_ledger(call, raw, token)
+        else:
+            assert xid is not None
+            info = self.link.info
+            restarted = (pending.session is None or info is None
+                         or pending.session.server_started != info.server_started)
+
+            def ask() -> Flow[tuple[Resolution, str, str]]:
+                return self.ask_xact_status(call, raw, xid, restarted)
         terminated = self.link.ended_old
-        answer: lg.ClaimAnswer | None = None
-        said = ""
         for _ in range(2):
-            try:
-                yield (OP_CLAIM, raw, token, lg.CLAIM_LOCK_TIMEOUT_MS)
-                answer = "free"
-            except driver.error as exc:
-                failure = classify(exc, connection=raw)
-                if failure.reconnect or driver.is_broken(raw):
-                    yield from self.drop()
-                    call.failure = failure
-                    raise Again(failure, Phase.COMMIT) from exc
-                answer = lg.claim_answer(failure.sqlstate)
-                said = ev.driver_message(driver_text(exc))
-            resolution = resolve_claim(answer)
+            resolution, status, reason = yield from ask()
             if resolution is not Resolution.END_OLD_SESSION or pending.session is None:
                 break
             ended = yield from self.quietly((OP_END_SESSION, raw, pending.session))
             terminated = bool(ended) or terminated
         if resolution is Resolution.END_OLD_SESSION:
-            failure = replace(outcome_unknown_failure("the old session still holds the "
-                                                      "unit's ledger row"),
+            failure = replace(outcome_unknown_failure(reason),
                               kind=Kind.CONNECTION_LOST, retryable=True)
             raise Again(failure, Phase.COMMIT)
-        status = {"committed": "committed", "free": "aborted"}.get(answer or "", "unknown")
-        self.emit(ev.CommitResolved, call, xid=pending.xid, status=status,
+        self.emit(ev.CommitResolved, call, xid=xid, status=status,
                   outcome=OUTCOME[resolution], terminated_old_session=terminated,
-                  via="ledger", token=token)
+                  via="ledger" if token is not None else "xid", token=token)
         call.pending = None
         if resolution is Resolution.COMMITTED:
             return True, pending.result
         if resolution is Resolution.UNKNOWN:
-            raise self.pending_unknown_now(pending, unknown_claim_reason(answer, said))
+            raise self.pending_unknown_now(pending, reason)
         return False, None
+
+    def ask_xact_status(self, call: Call, raw: Any, xid: str, restarted: bool
+                        ) -> Flow[tuple[Resolution, str, str]]:
+        """``pg_xact_status(xid)``, read in the light of a restart (`resolve_commit`)."""
+        evidence = CommitEvidence(None, restarted)
+        try:
+            status = yield (OP_XACT_STATUS, raw, xid)
+            evidence = CommitEvidence(status, restarted)
+        except self.driver.error as exc:
+            # A lost session is asked again on the next; anything else (e.g. the role
+            # may not call pg_xact_status) is no answer.
+            yield from self.asking_failed(call, raw, exc)
+        resolution = resolve_commit(evidence)
+        reason = ("the old session is still running"
+                  if resolution is Resolution.END_OLD_SESSION
+                  else unknown_outcome_reason(evidence, xid))
+        return resolution, evidence.status or "unknown", reason
+
+    def ask_ledger(self, call: Call, raw: Any, token: str
+                   ) -> Flow[tuple[Resolution, str, str]]:
+        """Claim the unit's token again (`resolve_claim`); the claim is rolled back and
+        a replay inserts the token itself."""
+        said = ""
+        try:
+            yield (OP_CLAIM, raw, token, lg.CLAIM_LOCK_TIMEOUT_MS)
+            answer: lg.ClaimAnswer | None = "free"
+        except self.driver.error as exc:
+            failure = yield from self.asking_failed(call, raw, exc)
+            answer = lg.claim_answer(failure.sqlstate)
+            said = ev.driver_message(driver_text(exc))
+        resolution = resolve_claim(answer)
+        status = {"committed": "committed", "free": "aborted"}.get(answer or "", "unknown")
+        reason = ("the old session still holds the unit's ledger row"
+                  if resolution is Resolution.END_OLD_SESSION
+                  else unknown_claim_reason(answer, said))
+        return resolution, status, reason
+
+    def asking_failed(self, call: Call, raw: Any, exc: BaseException) -> Flow[Failure]:
+        """The question about a pending COMMIT failed: on a lost session, ask on the
+        next one (`Again`); otherwise the failure, for the caller to read."""
+        failure = classify(exc, connection=raw)
+        if failure.reconnect or self.driver.is_broken(raw):
+            yield from self.drop()
+            call.failure = failure
+            raise Again(failure, Phase.COMMIT) from exc
+        return failure
 
     def pending_unknown_now(self, pending: Pending, reason: str) -> Exception:
         cls = flavoured(CommitOutcomeUnknown, self.driver.operational_error)
