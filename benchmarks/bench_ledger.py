@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import logging
+import importlib
 import os
 import platform
 import random
@@ -49,14 +49,19 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psycopg
-import structlog
 
 import symfo_failover as sf
 from symfo_failover import _ledger as lg
 from symfo_failover.harness import FaultProxy, LocalServer
+
+# bench_resilient's small helpers (the file system of a path, quiet logs), loaded from
+# beside this file whatever the working directory.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+br: Any = importlib.import_module("bench_resilient")
 
 try:
     import pyodbc
@@ -76,27 +81,6 @@ SHOWN = ("server_version", "fsync", "synchronous_commit", "wal_sync_method",
          "full_page_writes", "checkpoint_timeout", "shared_buffers")
 
 # --- small helpers ----------------------------------------------------------------------
-
-
-def _filesystem(path: str) -> str:
-    """The file system type ``path`` is on (from /proc/self/mounts), for the header."""
-    best, kind = "", "unknown"
-    try:
-        with open("/proc/self/mounts", encoding="utf-8") as f:
-            for line in f:
-                parts = line.split()
-                mount = parts[1]
-                inside = path == mount or path.startswith(mount.rstrip("/") + "/")
-                if inside and len(mount) >= len(best):
-                    best, kind = mount, parts[2]
-    except OSError:
-        pass
-    return kind
-
-
-def _quiet_events() -> None:
-    # Every event is also a structlog line (the ledger's prunes among them). Keep errors.
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
 
 
 def _load() -> str:
@@ -518,7 +502,7 @@ def main() -> None:
         if why:
             print(f"{why}: the pyodbc lines are skipped")
             drivers.remove("pyodbc")
-    _quiet_events()
+    br._quiet_events()
     load_start = _load()
     started = time.monotonic()
     command = shlex.join([".venv/bin/python", "benchmarks/bench_ledger.py", *sys.argv[1:]])
@@ -536,7 +520,7 @@ def main() -> None:
                   f"wal_sync_method={shown['wal_sync_method']}, full_page_writes="
                   f"{shown['full_page_writes']}, checkpoint_timeout="
                   f"{shown['checkpoint_timeout']}, shared_buffers={shown['shared_buffers']}; "
-                  f"data on {_filesystem(where)} ({where})")
+                  f"data on {br._filesystem(where)} ({where})")
             print(f"{os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), load "
                   f"average at start {load_start}")
             print(f"reproduce: {command}")
