@@ -175,13 +175,11 @@ def resolve_claim(answer: str | None) -> Resolution:
     inserted first in the unit's transaction, so a transaction that could still
     commit would hold the row. Every answer is final, across crashes and promotions.
     """
-    if answer == "committed":
-        return Resolution.COMMITTED
-    if answer == "free":
-        return Resolution.ABORTED
-    if answer == "held":
-        return Resolution.END_OLD_SESSION
-    return Resolution.UNKNOWN
+    return _CLAIMED.get(answer or "", Resolution.UNKNOWN)
+
+
+_CLAIMED = {"committed": Resolution.COMMITTED, "free": Resolution.ABORTED,
+            "held": Resolution.END_OLD_SESSION}
 
 
 def unknown_claim_reason(answer: str | None, said: str = "") -> str:
