@@ -384,10 +384,16 @@ def _xact_status_privilege(facts: ServerFacts) -> Finding:
                        "pg_xact_status(xid8) is there from PostgreSQL 13; whether this role "
                        "may run it could not be read.")
     if not may:
+        if facts.ledger_read and LedgerState.from_access(facts.ledger_access).usable:
+            return Finding(name, "info", "no EXECUTE", expected,
+                           "The commit ledger decides lost COMMITs for this role; "
+                           "pg_xact_status would be the fallback where a server has no "
+                           "ledger.")
         return Finding(name, "fail", "no EXECUTE", expected,
                        "A COMMIT whose reply was lost cannot be resolved: the library raises "
                        "CommitOutcomeUnknown instead of knowing whether it committed. "
-                       "GRANT EXECUTE ON FUNCTION pg_xact_status(xid8) TO the role.")
+                       "GRANT EXECUTE ON FUNCTION pg_xact_status(xid8) TO the role, or "
+                       "install the commit ledger (symfo-failover ledger install).")
     return Finding(name, "ok", "superuser" if facts.superuser else "EXECUTE", expected,
                    "The outcome of a COMMIT whose reply was lost can be asked.")
 

@@ -96,6 +96,13 @@ def test_the_commit_ledger_is_checked_for_this_role(access: str | None, status: 
     assert found.guide is None  # not the vendor guide's
 
 
+def test_without_pg_xact_status_the_ledger_still_decides() -> None:
+    assert finding(facts(may_xact_status=False, ledger_access=None),
+                   "pg_xact_status").status == "fail"
+    assert finding(facts(may_xact_status=False, ledger_access="UISD"),
+                   "pg_xact_status").status == "info"
+
+
 def test_an_unreadable_ledger_is_not_guessed() -> None:
     assert finding(facts(ledger_read=False), "commit_ledger").status == "info"
 
