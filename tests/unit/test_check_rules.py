@@ -313,7 +313,8 @@ def test_is_fujitsu(settings: dict[str, str | None], version: str | None,
     [(True, False, "ok"), (True, True, "ok"), (False, False, "fail"), (None, False, "info")],
 )
 def test_pg_xact_status_privilege(may: bool | None, superuser: bool, status: str) -> None:
-    got = finding(facts(may_xact_status=may, superuser=superuser), "pg_xact_status")
+    got = finding(facts(may_xact_status=may, superuser=superuser, ledger_access=None),
+                  "pg_xact_status")
     assert got.status == status
     if status == "fail":
         assert "CommitOutcomeUnknown" in got.why
