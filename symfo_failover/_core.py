@@ -295,8 +295,8 @@ class Core:
         driver = self.driver
         if call.pending is not None:
             return self.pending_unknown(
-                call, f"no session to ask the server within {elapsed:.1f} s "
-                      f"({call.attempts} tries); last failure: {failure}")
+                call.pending, f"no session to ask the server within {elapsed:.1f} s "
+                              f"({call.attempts} tries); last failure: {failure}")
         policy = self.policy
         cls2 = flavoured(RetriesExhausted, driver.operational_error)
         return cls2(
@@ -310,10 +310,8 @@ class Core:
             target=self.target.description,
         )
 
-    def pending_unknown(self, call: Call, reason: str) -> Exception:
-        """`CommitOutcomeUnknown` for the pending COMMIT of ``call``."""
-        pending = call.pending
-        assert pending is not None
+    def pending_unknown(self, pending: Pending, reason: str) -> Exception:
+        """`CommitOutcomeUnknown` for a pending COMMIT."""
         cls = flavoured(CommitOutcomeUnknown, self.driver.operational_error)
         what = (f"ledger token {pending.token}" if pending.token is not None
                 else f"transaction {pending.xid}")
@@ -411,8 +409,8 @@ class Core:
         reason = state.why_not()
         if self.ledger == "require":
             raise self.ledger_unavailable(reason)
-        if state.next_prune is None:  # once per session: the schedule is not used
-            state.next_prune = float("inf")
+        if not state.noted:  # once per session
+            state.noted = True
             self.emit(ev.LedgerNotUsed, None, level=_once_level(),
                       reason=f"{reason}; install it for provable commit outcomes "
                              f"after a crash: {lg.INSTALL_HINT}")
@@ -454,17 +452,18 @@ class Core:
         self.emit(ev.LedgerPruned, None, deleted=deleted, retention=retention)
         return raw
 
-    def token_for(self, call: Call) -> str | None:
-        """The ledger token of this unit's BEGIN (None: the transaction-id path)."""
+    def unit_ledger(self, call: Call) -> tuple[str | None, lg.LedgerState | None]:
+        """The ledger token of this unit's BEGIN and the session's ledger state;
+        (None, None): the transaction-id path."""
         if self.state.read_only or self.ledger == "off":
-            return None
+            return None, None
         info = self.link.info
         state = info.ledger if info is not None else None
         if state is None or not state.usable:
-            return None
+            return None, None
         if call.token is None:
             call.token = lg.new_token()
-        return call.token
+        return call.token, state
 
     def unit(self, call: Call, raw: Any, job: Job) -> Flow[Any]:
         driver = self.driver
@@ -473,8 +472,7 @@ class Core:
         xid: str | None = None
         result: Any = _NOTHING
         guard = UnitGuard(self.contract_error)
-        token = self.token_for(call)
-        ledger = self.link.info.ledger if token is not None and self.link.info else None
+        token, ledger = self.unit_ledger(call)
         try:
             how: lg.How = ("literal" if ledger is None
                            else "execute" if ledger.prepared else "prepare")
@@ -537,6 +535,7 @@ class Core:
             raise self.ledger_unavailable(reason) from exc
         self.emit(ev.LedgerNotUsed, call, level="warning",
                   reason=f"{reason}; install it again: {lg.INSTALL_HINT}")
+
     def check_unit_left(self, raw: Any, guard: UnitGuard) -> None:
         """What the unit left behind, from the driver's local state (no round trip)."""
         driver = self.driver
@@ -660,7 +659,7 @@ class Core:
         if resolution is Resolution.COMMITTED:
             return True, pending.result
         if resolution is Resolution.UNKNOWN:
-            raise self.pending_unknown_now(pending, reason)
+            raise self.pending_unknown(pending, reason)
         return False, None
 
     def ask_xact_status(self, call: Call, raw: Any, xid: str, restarted: bool
@@ -709,12 +708,6 @@ class Core:
             raise Again(failure, Phase.COMMIT) from exc
         return failure
 
-    def pending_unknown_now(self, pending: Pending, reason: str) -> Exception:
-        cls = flavoured(CommitOutcomeUnknown, self.driver.operational_error)
-        return cls(f"the outcome of COMMIT is unknown: {reason}",
-                   failure=outcome_unknown_failure(reason), xid=pending.xid,
-                   token=pending.token)
-
     # --- sessions --------------------------------------------------------------------
 
     def session(self, call: Call) -> Flow[Any]:
@@ -760,7 +753,7 @@ class Core:
             if call.pending is not None:
                 # The COMMIT may have gone through, and no server can be asked.
                 raise self.pending_unknown(
-                    call, f"no session to ask the server: {failure}") from error
+                    call.pending, f"no session to ask the server: {failure}") from error
             raise error
         raise Again(failure, Phase.CONNECT) from error
 
@@ -952,8 +945,7 @@ def probe_answers(target: Target, probe: Callable[..., Any], timeout: float) -> 
                     database=target.database or "postgres", timeout=timeout,
                     password=target.password, sslmode=target.sslmode)
         answers.append(ProbeAnswer(f"{endpoint.host}:{endpoint.port}", got.state,
-                                   got.sqlstate, got.authenticated,
-                                   getattr(got, "standby", None)))
-        if got.state not in _PROBE_STOPS and not getattr(got, "standby", None):
+                                   got.sqlstate, got.authenticated, got.standby))
+        if got.state not in _PROBE_STOPS and not got.standby:
             break  # a standby is passed over, as a read-write connection string does
     return answers

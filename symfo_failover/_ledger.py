@@ -196,6 +196,8 @@ class LedgerState:
     next_prune: float | None = None
     #: The session has the prepared insert (`PREPARED`).
     prepared: bool = False
+    #: `LedgerNotUsed` was emitted for this session.
+    noted: bool = False
 
     @classmethod
     def from_access(cls, access: str | None) -> LedgerState:
