@@ -21,6 +21,7 @@ Nothing here does I/O: the adapters send the statements, the core (`_core`) deci
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -80,12 +81,20 @@ def token_time(token: str) -> float:
     return int(token[:12], 16) / 1000
 
 
-def insert_sql(token: str) -> str:
-    """The statement that goes into the unit's BEGIN message (a literal: the token is
-    32 hex digits the library made, nothing else is ever put there)."""
-    if len(token) != 32 or any(c not in "0123456789abcdef" for c in token):
+_TOKEN = re.compile(r"[0-9a-f]{32}")
+
+
+def check_token(token: str) -> str:
+    """``token`` if it is 32 lower-case hex digits (what `new_token` makes): the only
+    thing ever put into the SQL as a literal."""
+    if not _TOKEN.fullmatch(token):
         raise ValueError(f"not a ledger token: {token!r}")
-    return f"INSERT INTO {TABLE} (token) VALUES ('{token}')"
+    return token
+
+
+def insert_sql(token: str) -> str:
+    """The literal insert of ``token`` (the claim's; a BEGIN uses `ledger_sql`)."""
+    return f"INSERT INTO {TABLE} (token) VALUES ('{check_token(token)}')"
 
 
 #: The session's prepared insert (parsed and planned once per session: a new literal
@@ -106,8 +115,7 @@ def ledger_sql(token: str, how: How) -> str:
     """The statement(s) that insert ``token`` inside the unit's transaction."""
     if how == "literal":
         return insert_sql(token)
-    insert_sql(token)  # checks the token
-    execute = f"EXECUTE {PREPARED}('{token}')"
+    execute = f"EXECUTE {PREPARED}('{check_token(token)}')"
     if how == "execute":
         return execute
     return f"PREPARE {PREPARED}(uuid) AS INSERT INTO {TABLE} (token) VALUES ($1); {execute}"

@@ -84,6 +84,9 @@ def test_fresh_tokens_differ() -> None:
 def test_only_a_token_goes_into_the_sql(bad: str) -> None:
     with pytest.raises(ValueError, match="not a ledger token"):
         lg.insert_sql(bad)
+    for how in ("prepare", "execute"):
+        with pytest.raises(ValueError, match="not a ledger token"):
+            lg.ledger_sql(bad, how)  # type: ignore[arg-type]
 
 
 def test_the_begin_message_carries_the_insert_instead_of_reading_the_id() -> None:
