@@ -23,7 +23,6 @@ from ._driver_psycopg import _DETECTION, PsycopgDriver, guard_off, unit_state, w
 from ._ledger import check_mode
 from ._policy import DEFAULT_POLICY, RetryPolicy
 from ._pool_state import (
-    UNIT_STATE,
     FailoverStats,
     Generations,
     PolicyAttempt,
@@ -234,7 +233,7 @@ class FailoverBookkeeping:
         whose server is known: no first-connect questions, no reconnect reported."""
         # The unit's transaction settings are the connection's own (configure's).
         core = Core(driver, self._target, policy=self._policy, on_event=self._on_event,
-                    state=getattr(conn, "_symfo_state", UNIT_STATE), configure=False,
+                    state=conn._symfo_state, configure=False,
                     ledger=self._ledger)
         link = core.link
         link.raw = conn

@@ -210,10 +210,11 @@ class DriverBase(Generic[R]):
 def session_info_of(row: Row | None) -> SessionInfo:
     """`SessionInfo` from the row of `SESSION_INFO_SQL`."""
     assert row is not None
-    access = row[3] if len(row) > 3 else None
+    access = row[3]
     return SessionInfo(int(str(row[0])), str(row[1]), str(row[2]),
                        ledger=LedgerState.from_access(None if access is None else str(access)),
-                       in_recovery=len(row) > 4 and row[4] in (True, "t", "1", 1, "true"))
+                       # psycopg: a bool, or libpq's text "t"; psqlODBC: "1" or 1
+                       in_recovery=row[4] in (True, "t", "1", 1))
 
 
 def xact_status_of(row: Row | None) -> str | None:
