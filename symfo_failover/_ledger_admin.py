@@ -62,8 +62,10 @@ class LedgerStatus:
 
 @contextmanager
 def _session(conninfo: Any) -> Iterator[Any]:
-    """An autocommit psycopg session: ``conninfo`` a libpq string, or a psycopg
-    ``Connection`` of the caller's (used as it is, left open)."""
+    """A psycopg session: ``conninfo`` a libpq string (an autocommit session of its
+    own), or a psycopg ``Connection`` of the caller's (used as it is, left open; every
+    statement here runs inside ``conn.transaction()``, so that nothing is left
+    uncommitted on it)."""
     import psycopg
 
     if isinstance(conninfo, psycopg.Connection):
@@ -129,6 +131,7 @@ def _status_sql(retention: float) -> str:
             f"pg_total_relation_size('{lg.TABLE}'), count(*) FILTER (WHERE {where}) "
             f"FROM {lg.TABLE}")
 
+
 _ROLES_SQL = (
     "SELECT DISTINCT grantee FROM information_schema.role_table_grants "
     "WHERE table_schema = %s AND table_name = 'ledger' AND privilege_type = 'INSERT' "
@@ -139,7 +142,7 @@ _ROLES_SQL = (
 def ledger_status(conninfo: Any, *, retention: float = lg.DEFAULT_RETENTION) -> LedgerStatus:
     """Is the ledger installed, may the connected role use it, how big is it, and how
     much would a prune with ``retention`` (seconds) delete now."""
-    with _session(conninfo) as conn:
+    with _session(conninfo) as conn, conn.transaction():
         access = conn.execute(f"SELECT {lg.ACCESS_SQL}").fetchone()[0]
         if access is None:
             return LedgerStatus(installed=False, access=None, retention=retention)
@@ -168,7 +171,8 @@ def prune_ledger(conninfo: Any, *, retention: float = lg.DEFAULT_RETENTION,
     started = time.monotonic()
     with _session(conninfo) as conn:
         while True:
-            deleted = int(conn.execute(sql).fetchone()[0])
+            with conn.transaction():  # each batch commits, on the caller's connection too
+                deleted = int(conn.execute(sql).fetchone()[0])
             total += deleted
             if deleted < batch or time.monotonic() - started > max_seconds:
                 return total

@@ -876,3 +876,17 @@ def test_a_bogus_ledger_mode_is_refused_before_connecting(
         _open(kind, int(listener.getsockname()[1]))()
     with pytest.raises(BlockingIOError):
         listener.accept()  # nobody tried to connect
+
+
+def test_status_and_prune_on_the_callers_own_connection_leave_nothing_open(
+    ledger_db: Db,
+) -> None:
+    # A psycopg Connection of the application's (not autocommit): what prune_ledger
+    # deletes is committed, and the connection is left idle, as it was given.
+    ledger_db.add_tokens(3, token_age=7200, created_age=7200)
+    with psycopg.connect(ledger_db.conninfo()) as mine:
+        assert sf.ledger_status(mine, retention=3600).prunable == 3
+        assert mine.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert sf.prune_ledger(mine, retention=3600) == 3
+        assert mine.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert ledger_db.ledger_rows() == 0
