@@ -295,9 +295,7 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
             deleted = admin.prune_ledger(args.conninfo, retention=args.retention)
             result = {"deleted": deleted, "retention": args.retention}
             lines = [f"deleted {deleted} tokens older than {args.retention:g} s"]
-    except InputError as exc:
-        return _fail(command, str(exc))
-    except ValueError as exc:
+    except (InputError, ValueError) as exc:
         return _fail(command, str(exc))
     except psycopg.Error as exc:
         from ._check import _redact

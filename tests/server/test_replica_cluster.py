@@ -17,6 +17,7 @@ import pytest
 from psycopg import errors
 
 from symfo_failover.harness import ReplicaCluster, ServerError
+from symfo_failover.harness._server import _alive
 
 pytestmark = pytest.mark.server
 
@@ -46,14 +47,6 @@ def _replication(cluster: ReplicaCluster) -> list[tuple[object, ...]]:
             "SELECT application_name, state, sync_state FROM pg_stat_replication"
         ).fetchall()
 
-
-def _alive(pid: int) -> bool:
-    """Running, not a zombie."""
-    try:
-        stat = pathlib.Path(f"/proc/{pid}/stat").read_bytes()
-    except FileNotFoundError:
-        return False
-    return stat[stat.rindex(b")") + 2 :].split()[0] not in (b"Z", b"X")
 
 
 def _server_pids(cluster: ReplicaCluster) -> set[int]:

@@ -46,6 +46,7 @@ from test_exactly_once import ACCOUNTS, OPENING_BALANCE, capture_logs, explain
 
 import symfo_failover as sf
 from symfo_failover.harness import ReplicaCluster
+from symfo_failover.harness._server import _alive
 
 pytestmark = pytest.mark.server
 
@@ -246,7 +247,7 @@ def _failover_with_unsent_wal(cluster: ReplicaCluster, out: Out) -> Any:
 
     def kill_senders_after_the_postmaster() -> None:
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _alive(postmaster):
+        while time.monotonic() < deadline and postmaster is not None and _alive(postmaster):
             time.sleep(0.001)
         for pid in senders:
             with contextlib.suppress(ProcessLookupError):
@@ -259,15 +260,6 @@ def _failover_with_unsent_wal(cluster: ReplicaCluster, out: Out) -> Any:
     finally:
         killer.join(15)
 
-
-def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def _wait_for_traffic(out: Out, transfers: int, timeout: float = 10.0) -> None:
