@@ -124,43 +124,26 @@ CONTRACT_RULES: dict[str, str] = {
 }
 
 
+def _never_retried(message: str, rule: str, condition: str) -> Failure:
+    """A classification of the library's own: no SQLSTATE, never retried."""
+    return Failure(kind=Kind.NOT_RETRYABLE, sqlstate=None, retryable=False,
+                   reconnect=False, message=message, rule=rule, condition=condition)
+
+
 def contract_failure(rule: str, message: str) -> Failure:
     """The classification `UnitContractError` carries: a bug, never retried."""
-    return Failure(
-        kind=Kind.NOT_RETRYABLE,
-        sqlstate=None,
-        retryable=False,
-        reconnect=False,
-        message=message,
-        rule=f"unit contract: {rule}",
-        condition="unit_contract_violated",
-    )
+    return _never_retried(message, f"unit contract: {rule}", "unit_contract_violated")
 
 
 def ledger_failure(message: str) -> Failure:
     """The classification `LedgerUnavailable` carries: configuration, never retried."""
-    return Failure(
-        kind=Kind.NOT_RETRYABLE,
-        sqlstate=None,
-        retryable=False,
-        reconnect=False,
-        message=message,
-        rule="commit ledger unavailable",
-        condition="ledger_unavailable",
-    )
+    return _never_retried(message, "commit ledger unavailable", "ledger_unavailable")
 
 
 def outcome_unknown_failure(reason: str) -> Failure:
     """The classification carried by `CommitOutcomeUnknown`: never retry it blindly."""
-    return Failure(
-        kind=Kind.NOT_RETRYABLE,
-        sqlstate=None,
-        retryable=False,
-        reconnect=False,
-        message=f"the outcome of COMMIT is unknown: {reason}",
-        rule="commit outcome unknown",
-        condition="commit_outcome_unknown",
-    )
+    return _never_retried(f"the outcome of COMMIT is unknown: {reason}",
+                          "commit outcome unknown", "commit_outcome_unknown")
 
 
 def flavoured(cls: type[_E], driver_error: type[BaseException] | None) -> type[_E]:
