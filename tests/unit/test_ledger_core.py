@@ -32,6 +32,7 @@ from symfo_failover import (
     LedgerPruned,
     LedgerUnavailable,
     SessionInfo,
+    UnitInterrupted,
 )
 from symfo_failover import _ledger as lg
 from symfo_failover._core import (
@@ -422,3 +423,30 @@ def test_a_role_without_delete_stops_pruning_and_the_unit_goes_on() -> None:
     h.now += 3600
     h.drive(h.core.run(unit.job), [ok(OP_BEGIN), ok(OP_UNIT), ok(OP_COMMIT)])
     assert len(unit.calls) == 2
+
+
+def test_ctrl_c_while_the_ledger_is_asked_says_unknown_and_names_the_token() -> None:
+    # Interrupted while claiming the token after a lost COMMIT: nobody knows yet whether
+    # the unit committed; the event gives the token to look up, the session is dropped.
+    h, _ = connected()
+    s2 = FakeSession("s2")
+    script = [*lost_commit_with_token(s2), ok(OP_PRUNE, 0),
+              fail(OP_CLAIM, KeyboardInterrupt(), lost=False), ok(OP_DISCARD)]
+    with pytest.raises(KeyboardInterrupt):
+        h.drive(h.core.run(Unit().job), script)
+    event = h.one(UnitInterrupted)
+    assert (event.outcome, event.token) == ("unknown", begun_token(h))
+    assert h.core.link.raw is None
+
+
+def test_ctrl_c_inside_the_unit_rolls_back_and_names_no_token() -> None:
+    h, _ = connected()
+
+    def interrupted(session: FakeSession) -> None:
+        raise KeyboardInterrupt
+
+    script = [SWITCH, ok(OP_BEGIN), ok(OP_UNIT), ok(OP_DISCARD)]
+    with pytest.raises(KeyboardInterrupt):
+        h.drive(h.core.run(Unit(body=interrupted).job), script)
+    event = h.one(UnitInterrupted)
+    assert (event.outcome, event.token) == ("rolled back", None)
