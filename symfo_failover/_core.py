@@ -528,6 +528,7 @@ class Core:
         info = self.link.info
         if info is not None and info.ledger is not None:
             info.ledger.usable = info.ledger.can_prune = False
+            info.ledger.noted = True  # the event below is the session's one
         call.token = None
         said = ev.driver_message(driver_text(exc))
         reason = f"the commit ledger is gone or its privileges were revoked ({said})"
